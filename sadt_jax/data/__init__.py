@@ -1,0 +1,43 @@
+"""Input pipeline: in-memory datasets, deterministic host-side batching, on-device augmentation.
+
+- :func:`load_dataset` reads Fashion-MNIST from the Debian package files (no TensorFlow) or any
+  prepared tensorflow-datasets image classification dataset into a :class:`Dataset` with the
+  SADT paper's validation split (the first 3000 test images).
+- :mod:`sadt_jax.data.pipeline`: per-process index batches from ``(seed, epoch)`` for training
+  and padded, masked batches for evaluation.
+- :mod:`sadt_jax.data.augment`: jittable CutMix, crop+flip, normalization.
+
+Every failure to load data is a :class:`DatasetError` with a one-line fix.
+"""
+
+from sadt_jax.data.augment import cutmix, normalize, one_hot, random_crop_flip
+from sadt_jax.data.errors import DatasetError
+from sadt_jax.data.fashion_mnist import load_fashion_mnist, read_idx
+from sadt_jax.data.pipeline import (
+    eval_batches,
+    num_eval_batches,
+    steps_per_epoch,
+    train_batch_indices,
+    train_batches,
+)
+from sadt_jax.data.sources import Dataset, channel_stats, load_dataset
+from sadt_jax.data.tfds_source import load_tfds
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "channel_stats",
+    "cutmix",
+    "eval_batches",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_tfds",
+    "normalize",
+    "num_eval_batches",
+    "one_hot",
+    "random_crop_flip",
+    "read_idx",
+    "steps_per_epoch",
+    "train_batch_indices",
+    "train_batches",
+]
