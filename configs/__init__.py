@@ -1,0 +1,1 @@
+"""ml_collections configs: ``configs/<family>.py:<method>`` (see ``common.py``)."""

@@ -1,0 +1,170 @@
+"""Config validation and the workdir guard: fail in one line, before any compute.
+
+:func:`validate_config` checks everything knowable from the config alone;
+:func:`validate_against_data` and :func:`validate_against_model` check what needs
+the dataset size or the model's parameter tree (still before training starts).
+Every problem is one line of a :class:`ConfigError` saying what is wrong and how
+to fix it; several problems are reported together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sadt_jax import models
+from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
+from sadt_jax.algorithm.perturbation import NOISE_MODES, param_paths
+from sadt_jax.algorithm.step import BN_STATS, KL_DIRECTIONS, OBJECTIVES, TEACHERS
+
+__all__ = ["ConfigError", "guard_workdir", "validate_config"]
+
+AUGMENTS = ("none", "cutmix", "crop_flip", "crop_flip_cutmix")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("exponential", "cosine", "constant")
+# Fields that may change when resuming a workdir without --allow_config_change.
+RESUMABLE_CHANGES = {"num_epochs", "num_steps", "log_every_steps", "ckpt.async_save"}
+
+
+class ConfigError(ValueError):
+    """An invalid config; ``str(e)`` has one line per problem."""
+
+
+def _choices(value, valid, field):
+    if value not in valid:
+        return f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"
+    return None
+
+
+def validate_config(config: Any) -> None:
+    """Checks ranges and names in ``config``; raises :class:`ConfigError` listing each problem."""
+    errors: list[str | None] = []
+    s = config.sadt
+
+    def rng(value, ok, field, want):
+        if value is not None and not ok(value):
+            errors.append(f"{field}={value!r} is out of range: it must be {want}")
+
+    errors.append(_choices(config.method, tuple(METHODS), "method"))
+    errors.append(_choices(config.model.name, models.MODEL_NAMES, "model.name"))
+    errors.append(_choices(config.model.dtype, DTYPES, "model.dtype"))
+    errors.append(_choices(config.data.augment, AUGMENTS, "data.augment"))
+    errors.append(_choices(config.optim.optimizer, OPTIMIZERS, "optim.optimizer"))
+    errors.append(_choices(config.optim.schedule, SCHEDULES, "optim.schedule"))
+    for field, valid in (
+        ("objective", OBJECTIVES),
+        ("teachers", TEACHERS),
+        ("noise_mode", NOISE_MODES),
+        ("kl_direction", KL_DIRECTIONS),
+        ("bn_stats", BN_STATS),
+    ):
+        if s.get(field) is not None:
+            errors.append(_choices(s[field], valid, f"sadt.{field}"))
+    rng(s.rho, lambda v: v >= 0, "sadt.rho", ">= 0")
+    rng(s.noise_std, lambda v: v >= 0, "sadt.noise_std", ">= 0")
+    rng(s.t2_std, lambda v: v >= 0, "sadt.t2_std", ">= 0")
+    rng(s.temperature, lambda v: v > 0, "sadt.temperature", "> 0")
+    rng(s.kd_weight, lambda v: 0 <= v <= 1, "sadt.kd_weight", "in [0, 1]")
+    rng(s.ema_weight, lambda v: v >= 0, "sadt.ema_weight", ">= 0")
+    rng(s.ema_decay, lambda v: 0 <= v < 1, "sadt.ema_decay", "in [0, 1)")
+    rng(s.m_sharpness, lambda v: v >= 0, "sadt.m_sharpness", ">= 0 (0 = off)")
+    rng(s.label_smoothing, lambda v: 0 <= v < 1, "sadt.label_smoothing", "in [0, 1)")
+    rng(config.optim.learning_rate, lambda v: v > 0, "optim.learning_rate", "> 0")
+    rng(config.num_epochs, lambda v: v >= 1, "num_epochs", ">= 1")
+    rng(config.get("num_steps"), lambda v: v >= 1, "num_steps", ">= 1")
+    rng(config.batch_size, lambda v: v >= 1, "batch_size", ">= 1")
+    rng(config.eval_batch_size, lambda v: v >= 1, "eval_batch_size", ">= 1")
+    rng(config.teacher_every, lambda v: v >= 1, "teacher_every", ">= 1")
+    rng(config.log_every_steps, lambda v: v >= 1, "log_every_steps", ">= 1")
+    rng(config.data.cutmix_alpha, lambda v: v > 0, "data.cutmix_alpha", "> 0")
+    rng(config.data.num_validation, lambda v: v >= 0, "data.num_validation", ">= 0")
+    rng(config.data.get("max_train_examples"), lambda v: v >= 1, "data.max_train_examples", ">= 1")
+    rng(config.ckpt.max_to_keep, lambda v: v >= 1, "ckpt.max_to_keep", ">= 1")
+    rng(config.ckpt.every_epochs, lambda v: v >= 1, "ckpt.every_epochs", ">= 1")
+    n_dev = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value >= 1 and value % n_dev:
+            errors.append(
+                f"{field}={value} is not divisible by the {n_dev} devices; "
+                f"use a multiple of {n_dev}"
+            )
+    m = s.get("m_sharpness")
+    if m and config.batch_size % n_dev == 0:
+        per_device = config.batch_size // n_dev
+        if per_device % m:
+            errors.append(
+                f"sadt.m_sharpness={m} does not divide the per-device batch {per_device} "
+                f"(batch_size {config.batch_size} / {n_dev} devices); "
+                f"pick a divisor of {per_device}"
+            )
+    errors = [e for e in errors if e]
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def validate_against_data(config: Any, num_train: int, sadt_config: Any) -> None:
+    """Checks that need the training-set size."""
+    del sadt_config
+    if config.batch_size > num_train:
+        raise ConfigError(
+            f"batch_size={config.batch_size} exceeds the {num_train} training examples; "
+            "lower batch_size or raise data.max_train_examples"
+        )
+
+
+def validate_against_model(model: Any, image_shape, sadt_config: Any, config: Any) -> None:
+    """Checks T2's parameter paths against the model's actual parameter tree."""
+    if not (sadt_config.objective == "sadt" and sadt_config.teachers == "t2"):
+        return
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)
+    )
+    paths = param_paths(shapes["params"])
+    for field, path in zip(
+        ("sadt.t2_multiplicative_path", "sadt.t2_additive_path"), sadt_config.t2_paths, strict=True
+    ):
+        if path not in paths:
+            raise ConfigError(
+                f"{field}={path!r} does not exist in model {config.model.name}; "
+                f"available paths: {', '.join(paths)}"
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def guard_workdir(config: Any, workdir: str, *, allow_change: bool = False) -> None:
+    """Refuses a workdir that holds a run with a different config.
+
+    Changing only the duration or logging (``RESUMABLE_CHANGES``) is allowed, so
+    a finished run can be extended.
+    """
+    path = os.path.join(workdir, "config.json")
+    if allow_change or not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = _flatten(json.load(f))
+    new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    old = json.loads(json.dumps(old, default=str))
+    diff = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    )
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+        raise ConfigError(
+            f"{workdir} holds a run with a different config ({shown}); use another --workdir, "
+            "or pass --allow_config_change to resume it anyway"
+        )
