@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
     config = base_config(parse_method(arg, "sadt_t1"))
     config.data.name = "fashion_mnist"
     config.model.name = "simple_cnn"
+    config.model.dropout_rate = 0.3  # as in the authors' release (dense layers)
     config.num_epochs = 3
     config.batch_size = 512
     return config
