@@ -1,0 +1,159 @@
+"""``sadt_update`` on 1 device vs 8 simulated CPU devices.
+
+The 8 devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is
+imported, so the comparison runs in a subprocess (``_WORKER`` below) that prints one JSON
+line of maximum absolute differences; the test asserts on it.
+
+Compared, for ``sadt_t1`` (perturbation scaled up so that the KD gradient matters) and
+``sam``, one step from the same state and batch (16 examples):
+
+* ``mesh``: ``jax.jit`` with the batch sharded over a ``Mesh`` on a ``data`` axis, on the
+  tiny BatchNorm CNN. Under jit BatchNorm statistics are global, so everything (params,
+  running statistics, metrics) must match the single-device step.
+* ``pmap``: ``jax.pmap`` with ``axis_name`` passed to ``sadt_update``, 2 examples per device,
+  on the MLP (no BatchNorm). Per-device BatchNorm statistics are *not* the global ones, so
+  the BN CNN is not comparable this way; for it ``pmap_bn_replicated`` feeds every device
+  the whole batch, where the per-device statistics equal the global ones and the pmean'd
+  gradients, statistics and metrics must again equal the single-device step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TOL = 1e-5
+
+_WORKER = textwrap.dedent(
+    """
+    import functools, json
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import sadt_jax
+
+    assert jax.device_count() == 8, jax.devices()
+    NDEV, BATCH, NUM_CLASSES = 8, 16, 4
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = jnp.tanh(nn.Dense(16, name="hidden")(x.reshape((x.shape[0], -1))))
+            return nn.Dense(NUM_CLASSES, name="head")(x)
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
+            x = nn.relu(nn.Conv(4, (3, 3), name="conv2")(nn.relu(x)))
+            return nn.Dense(NUM_CLASSES, name="head")(x.mean(axis=(1, 2)))
+
+    def setup(model, shape, method):
+        kx, ky, ki = jax.random.split(jax.random.PRNGKey(0), 3)
+        batch = {
+            "image": jax.random.normal(kx, shape),
+            "label": jax.random.randint(ky, (shape[0],), 0, NUM_CLASSES),
+        }
+        variables = model.init(ki, batch["image"], train=False)
+        tx = sadt_jax.make_optimizer(method, learning_rate=1e-2)
+        state = sadt_jax.TrainState.create(
+            apply_fn=model.apply, variables=variables, tx=tx, key=jax.random.PRNGKey(5))
+        return state, batch
+
+    CONFIGS = {
+        "sadt_t1": sadt_jax.method_config("sadt_t1", rho=0.5, noise_std=0.1),
+        "sam": sadt_jax.method_config("sam"),
+    }
+
+    def diff(a, b):
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        assert len(la) == len(lb) > 0
+        return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+                   for x, y in zip(la, lb))
+
+    def compare(one, other):
+        (s1, m1), (s2, m2) = one, other
+        return {
+            "params": diff(s1.params, s2.params),
+            "model_state": diff(s1.model_state, s2.model_state) if s1.model_state else 0.0,
+            "metrics": diff(m1, m2),
+            "moved": diff(s1.params, s0.params),
+        }
+
+    unstack = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * NDEV), tree)
+    out = {}
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    for method, cfg in CONFIGS.items():
+        # jit + sharded batch, BN CNN.
+        s0, batch = setup(CNN(), (BATCH, 6, 6, 2), method)
+        step = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))
+        single = step(s0, batch)
+        sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+        assert len(sharded_batch["image"].addressable_shards) == NDEV
+        assert sharded_batch["image"].addressable_shards[0].data.shape[0] == BATCH // NDEV
+        sharded = step(jax.device_put(s0, NamedSharding(mesh, P())), sharded_batch)
+        out[f"mesh/{method}"] = compare(single, sharded)
+
+        # pmap with axis_name, per-device batches, MLP.
+        pstep = jax.pmap(
+            functools.partial(sadt_jax.sadt_update, config=cfg, axis_name="batch"),
+            axis_name="batch",
+        )
+        s0, batch = setup(MLP(), (BATCH, 5), method)
+        single = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))(s0, batch)
+        per_device = jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), batch)
+        s8, m8 = pstep(replicate(s0), per_device)
+        out[f"pmap/{method}"] = compare(single, (unstack(s8), unstack(m8)))
+        # Every replica holds the same parameters after the step.
+        out[f"pmap/{method}"]["replicas"] = diff(
+            jax.tree.map(lambda x: x[1:], s8.params), jax.tree.map(lambda x: x[:-1], s8.params)
+        )
+
+        # pmap, BN CNN, every device sees the whole batch.
+        s0, batch = setup(CNN(), (BATCH // 4, 6, 6, 2), method)
+        single = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))(s0, batch)
+        s8, m8 = pstep(replicate(s0), replicate(batch))
+        out[f"pmap_bn_replicated/{method}"] = compare(single, (unstack(s8), unstack(m8)))
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    # 8 host devices; optimization level 0 roughly halves XLA's CPU compile time (both sides
+    # of every comparison are compiled the same way).
+    flags = " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.parametrize("mode", ["mesh", "pmap", "pmap_bn_replicated"])
+@pytest.mark.parametrize("method", ["sadt_t1", "sam"])
+def test_one_vs_eight_devices(parallel_results, mode, method):
+    res = parallel_results[f"{mode}/{method}"]
+    assert res["moved"] > 1e-3, res  # the step did something: the comparison is not vacuous
+    for key in ("params", "model_state", "metrics", "replicas"):
+        assert res.get(key, 0.0) <= TOL, (key, res)
