@@ -1,0 +1,578 @@
+r"""Step-time benchmark of SADT and its baselines, in one process.
+
+Every method runs the same model, the same initial weights and the same batch,
+already on the device, through the real training step::
+
+    config = sadt_jax.method_config(method)          # (+ t2_paths for sadt_t2)
+    state = TrainState.create(apply_fn=model.apply, variables=..., tx=make_optimizer(method))
+    step = jax.jit(functools.partial(sadt_update, config=config), donate_argnums=0)
+
+and reports, per method:
+
+* ``step_ms``: median wall time of one step (``block_until_ready`` after each),
+  over ``--repeats`` x ``--steps`` timed steps after ``--warmup`` untimed ones.
+  The methods are interleaved round-robin across repeats, so machine drift hits
+  all of them alike; ``ratio_to_base`` is computed within this run.
+* ``compile_s``: ``jit(...).lower(...)`` plus ``.compile()`` wall time.
+* ``peak_mem_mb``: the process high-water mark right after the method's warm-up
+  (device ``memory_stats()["peak_bytes_in_use"]`` where the backend has it, else
+  the process max RSS from ``resource.getrusage``; ``_meta.peak_mem_source`` says
+  which). It is cumulative: methods are warmed up in the order given. The
+  per-method ``xla_temp_mb`` / ``xla_total_mb`` come from XLA's static
+  ``memory_analysis()`` of the compiled step.
+* ``images_per_s``, ``gflop_per_step`` (XLA ``cost_analysis()``),
+  ``achieved_tflops`` (and ``mfu`` against ``--peak_tflops``), and
+  ``cpu_cores_busy`` (process CPU time / wall time while timing).
+
+Extras: ``--compare_optax_sam`` times ``optax.chain(sadt_jax.sam(0.05), adam)``
+against ``optax.contrib.sam(adam, chain(normalize(), sgd(0.05)), opaque_mode=True)``
+in the same plain jitted step; ``--breakdown`` times the base step's parts
+(forward, forward + backward, full step); ``--params_out`` / ``--params_ref``
+save and compare each method's parameters after ``--params_steps`` steps (to
+check that an XLA flag leaves results unchanged).
+
+Run (the issue's targets: sam <= 2.05 x base, sadt_t1 and sadt_t3 <= 2.15,
+sadt_t2 <= 3.2, our sam no slower than optax.contrib.sam)::
+
+    PYTHONPATH=. python experiments/benchmark.py --batch_size 512 --steps 10 \
+        --repeats 2 --compare_optax_sam --out results/benchmark.json
+
+    # XLA:CPU with oneDNN convolutions (set before JAX starts):
+    XLA_FLAGS="--xla_cpu_use_thunk_runtime=false --xla_cpu_use_onednn=true" \
+        PYTHONPATH=. python experiments/benchmark.py --methods base
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+import sadt_jax
+from sadt_jax import losses
+from sadt_jax.models import get_model, t2_teacher_paths
+
+DEFAULT_METHODS = ("base", "sam", "sadt_t1", "sadt_t2", "sadt_t3", "sadt_ema")
+
+#: Step-time targets (ratio to base) from the "Performance" issue.
+TARGETS = {"sam": 2.05, "sadt_t1": 2.15, "sadt_t3": 2.15, "sadt_t2": 3.2}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (``argv`` without the program name)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="simple_cnn")
+    p.add_argument("--dataset_shape", default="28,28,1", help="H,W,C of the images (NHWC batches).")
+    p.add_argument("--num_classes", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10, help="Timed steps per method per repeat.")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps after compiling.")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="Round-robin rounds over the methods; each times --steps steps per method.",
+    )
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="Comma-separated method names."
+    )
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="Write the results as JSON to this path.")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="Peak TFLOP/s of the device, for the model-FLOPs utilisation column.",
+    )
+    p.add_argument(
+        "--compare_optax_sam",
+        action="store_true",
+        help="Also time sadt_jax.sam against optax.contrib.sam (opaque mode).",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="Also time forward, forward+backward and the full base step.",
+    )
+    p.add_argument(
+        "--params_out", default=None, help="Save each method's params after --params_steps (npz)."
+    )
+    p.add_argument(
+        "--params_ref",
+        default=None,
+        help="Compare each method's params after --params_steps with this npz.",
+    )
+    p.add_argument("--params_steps", type=int, default=3)
+    args = p.parse_args(argv)
+    args.shape = tuple(int(s) for s in args.dataset_shape.split(","))
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.method_list:
+        if m not in sadt_jax.METHODS:
+            p.error(f"unknown method {m!r}; valid: {', '.join(sadt_jax.METHODS)}")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error("--steps, --repeats and --batch_size must be >= 1, --warmup >= 0")
+    return args
+
+
+# ---- measurement helpers ----------------------------------------------------------
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+    """Process high-water mark: device peak bytes if the backend reports it, else max RSS."""
+    dev = jax.devices()[0]
+    stats = None
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None.
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device memory_stats()['peak_bytes_in_use']"
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS (getrusage)"
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cost(compiled) -> dict[str, float]:
+    """FLOPs and bytes accessed from XLA's cost analysis (dict or list of dicts)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return {k: float(ca[k]) for k in ("flops", "bytes accessed") if ca and k in ca}
+
+
+def _memory_analysis(compiled) -> dict[str, float]:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if ma is None:
+        return {}
+    mb = 2**20
+    total = (
+        ma.argument_size_in_bytes
+        + ma.output_size_in_bytes
+        + ma.temp_size_in_bytes
+        - ma.alias_size_in_bytes
+    )
+    return {"xla_temp_mb": ma.temp_size_in_bytes / mb, "xla_total_mb": total / mb}
+
+
+def _compile(fn: Callable, *args) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+class _Runner:
+    """A compiled step plus its (donated) carry; ``run(n)`` returns per-step seconds."""
+
+    def __init__(self, name: str, jitted, carry: tuple, batch):
+        self.name = name
+        self.batch = batch
+        self.compiled, self.compile_s = _compile(jitted, *carry, batch)
+        self.carry = carry
+        self.last_out = None
+        self.times: list[float] = []
+        self.per_repeat: list[float] = []
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+
+    def run(self, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            *carry, aux = self.compiled(*self.carry, self.batch)
+            jax.block_until_ready((carry, aux))
+            out.append(time.perf_counter() - t0)
+            self.carry, self.last_out = tuple(carry), aux
+        return out
+
+    def timed(self, n: int) -> None:
+        c0, w0 = _cpu_seconds(), time.perf_counter()
+        t = self.run(n)
+        self.cpu_s += _cpu_seconds() - c0
+        self.wall_s += time.perf_counter() - w0
+        self.times.extend(t)
+        self.per_repeat.append(statistics.median(t))
+
+
+def _round_robin(runners: Sequence[_Runner], steps: int, repeats: int) -> None:
+    for _ in range(repeats):
+        for r in runners:
+            r.timed(steps)
+
+
+# ---- the benchmark -----------------------------------------------------------------
+
+
+def _setup(args):
+    model = get_model(args.model, args.num_classes, dtype=_DTYPES[args.dtype])
+    k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
+    images = jax.random.normal(k_x, (args.batch_size, *args.shape), jnp.float32)
+    labels = jax.random.randint(k_y, (args.batch_size,), 0, args.num_classes)
+    batch = jax.device_put({"image": images, "label": labels})
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(k_init, images[:1])
+    variables = jax.block_until_ready(variables)
+    return model, variables, batch
+
+
+def _method_runner(name, model, variables, batch, args) -> _Runner:
+    overrides = {}
+    if name == "sadt_t2" or sadt_jax.METHODS[name].teachers == "t2":
+        overrides["t2_paths"] = t2_teacher_paths(args.model)
+    config = sadt_jax.method_config(name, **overrides)
+    state = sadt_jax.TrainState.create(
+        apply_fn=model.apply,
+        variables=_copy(variables),  # Donation would delete buffers shared between methods.
+        tx=sadt_jax.make_optimizer(name),
+        key=jax.random.key(args.seed + 1),
+        ema_teacher=config.uses_ema,
+    )
+    step = jax.jit(functools.partial(sadt_jax.sadt_update, config=config), donate_argnums=0)
+    return _Runner(name, step, (state,), batch)
+
+
+def _stats(r: _Runner, batch_size: int, peak_tflops: float | None) -> dict[str, Any]:
+    med = statistics.median(r.times)
+    q = np.percentile(r.times, [25, 75]) if len(r.times) > 1 else [med, med]
+    out = {
+        "step_ms": 1e3 * med,
+        "step_ms_min": 1e3 * min(r.times),
+        "step_ms_iqr": 1e3 * float(q[1] - q[0]),
+        "step_ms_per_repeat": [1e3 * t for t in r.per_repeat],
+        "num_timed_steps": len(r.times),
+        "compile_s": r.compile_s,
+        "images_per_s": batch_size / med,
+        "cpu_cores_busy": r.cpu_s / r.wall_s if r.wall_s else None,
+    }
+    cost = _cost(r.compiled)
+    if "flops" in cost:
+        out["gflop_per_step"] = cost["flops"] / 1e9
+        out["achieved_tflops"] = cost["flops"] / med / 1e12
+        if peak_tflops:
+            out["mfu"] = out["achieved_tflops"] / peak_tflops
+    out.update(_memory_analysis(r.compiled))
+    return out
+
+
+def _optax_sam_comparison(model, variables, batch, args) -> dict[str, Any]:
+    """sadt_jax.sam vs optax.contrib.sam (opaque) in the same plain jitted step.
+
+    BatchNorm is handled identically: both losses normalise with the batch's
+    statistics (training mode) and discard the statistics' updates.
+    """
+    others = {k: v for k, v in variables.items() if k != "params"}
+    mutable = list(others)
+
+    def loss(params, batch):
+        v = {"params": params, **others}
+        if mutable:
+            logits, _ = model.apply(v, batch["image"], train=True, mutable=mutable)
+        else:
+            logits = model.apply(v, batch["image"], train=True)
+        return losses.cross_entropy(logits, batch["label"])
+
+    ours = optax.chain(sadt_jax.sam(0.05), optax.adam(1e-4))
+    theirs = optax.contrib.sam(
+        optax.adam(1e-4),
+        optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
+        opaque_mode=True,
+    )
+
+    def make_step(tx, two_arg_grad_fn):
+        def step(params, opt_state, batch):
+            value, g = jax.value_and_grad(loss)(params, batch)
+            if two_arg_grad_fn:
+                grad_fn = jax.grad(lambda p, _: loss(p, batch))
+            else:
+                grad_fn = jax.grad(lambda p: loss(p, batch))
+            updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    runners = []
+    for name, tx, two in (("sadt_jax.sam", ours, False), ("optax.contrib.sam", theirs, True)):
+        params = _copy(variables["params"])
+        runners.append(_Runner(name, make_step(tx, two), (params, tx.init(params)), batch))
+    # Same result after one step (a correctness check of the comparison itself).
+    first = []
+    for r in runners:
+        r.run(1)
+        first.append(np.asarray(ravel_pytree(r.carry[0])[0]))
+    for r in runners:
+        r.run(args.warmup)
+    _round_robin(runners, args.steps, args.repeats)
+    a, b = (statistics.median(r.times) for r in runners)
+    return {
+        "ours_step_ms": 1e3 * a,
+        "optax_step_ms": 1e3 * b,
+        "ratio_ours_to_optax": a / b,
+        "ratio_per_repeat": [x / y for x, y in zip(*(r.per_repeat for r in runners), strict=True)],
+        "ours_compile_s": runners[0].compile_s,
+        "optax_compile_s": runners[1].compile_s,
+        "max_abs_param_diff_after_1_step": float(np.max(np.abs(first[0] - first[1]))),
+        "bn": "training-mode batch statistics in both losses; running-stat updates discarded",
+    }
+
+
+def _breakdown(model, variables, batch, args) -> dict[str, float]:
+    """Median ms of the base step's parts on the benchmark batch."""
+    others = {k: v for k, v in variables.items() if k != "params"}
+    mutable = list(others)
+
+    def forward(params, batch):
+        v = {"params": params, **others}
+        if mutable:
+            return model.apply(v, batch["image"], train=True, mutable=mutable)[0]
+        return model.apply(v, batch["image"], train=True)
+
+    def loss(params, batch):
+        return losses.cross_entropy(forward(params, batch), batch["label"])
+
+    def eval_forward(params, batch):
+        return model.apply({"params": params, **others}, batch["image"], train=False)
+
+    fns = {
+        "forward_eval_ms": jax.jit(eval_forward),
+        "forward_train_ms": jax.jit(forward),
+        "forward_backward_ms": jax.jit(jax.value_and_grad(loss)),
+    }
+    params = variables["params"]
+    out = {}
+    for name, fn in fns.items():
+        compiled, _ = _compile(fn, params, batch)
+        jax.block_until_ready(compiled(params, batch))
+        ts = []
+        for _ in range(max(args.steps, 3)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(params, batch))
+            ts.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(ts)
+        cost = _cost(compiled)
+        if "flops" in cost:
+            out[name.replace("_ms", "_gflop")] = cost["flops"] / 1e9
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _meta(args, argv, peak_source) -> dict[str, Any]:
+    dev = jax.devices()[0]
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    import jaxlib
+
+    return {
+        "machine": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": affinity,
+            "backend": jax.default_backend(),
+            "device": str(dev),
+            "device_kind": dev.device_kind,
+            "num_devices": jax.device_count(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+            "sadt_jax": sadt_jax.__version__,
+        },
+        "command": shlex.join([sys.executable, sys.argv[0], *argv]),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "model": args.model,
+            "dataset_shape": list(args.shape),
+            "num_classes": args.num_classes,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "methods": args.method_list,
+        },
+        "peak_mem_source": peak_source,
+        "peak_mem_note": "process high-water mark after each method's warm-up, methods "
+        "warmed up in the order listed (cumulative); see xla_temp_mb for per-method",
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table, ratios to base within the run."""
+    rows = [
+        "| method | step ms (median) | ratio to base | target | images/s | compile s "
+        "| peak mem MB | XLA temp MB | GFLOP/step | cores busy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        target = TARGETS.get(name)
+        ratio = r.get("ratio_to_base")
+        tcell = "–"
+        if target is not None:
+            tcell = f"≤ {target:g}" + ("" if ratio is None else (" ✓" if ratio <= target else " ✗"))
+        rows.append(
+            f"| {name} | {r['step_ms']:.1f} | {f(ratio, '.2f')} | {tcell} "
+            f"| {r['images_per_s']:.0f} | {r['compile_s']:.1f} | {r['peak_mem_mb']:.0f} "
+            f"| {f(r.get('xla_temp_mb'), '.0f')} | {f(r.get('gflop_per_step'), '.2f')} "
+            f"| {f(r.get('cpu_cores_busy'), '.2f')} |"
+        )
+    lines = ["\n".join(rows)]
+    if "_optax_sam" in results:
+        o = results["_optax_sam"]
+        lines.append(
+            "\n| SAM step (plain jitted step) | step ms (median) |\n|---|---|\n"
+            f"| sadt_jax.sam + adam | {o['ours_step_ms']:.1f} |\n"
+            f"| optax.contrib.sam (opaque) + adam | {o['optax_step_ms']:.1f} |\n"
+            f"| ratio ours / optax | {o['ratio_ours_to_optax']:.3f} |"
+        )
+    if "_breakdown" in results:
+        b = results["_breakdown"]
+        lines.append(
+            "\n| base step part | ms (median) |\n|---|---|\n"
+            + "\n".join(f"| {k[:-3]} | {v:.1f} |" for k, v in b.items() if k.endswith("_ms"))
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Runs the benchmark described by ``args``; returns the results dict."""
+    model, variables, batch = _setup(args)
+    runners = [_method_runner(m, model, variables, batch, args) for m in args.method_list]
+
+    # Warm-up (and the params dump / check), one method at a time, in order.
+    peak, params_after, peak_source = {}, {}, None
+    for r in runners:
+        n_warm = max(args.warmup, args.params_steps if (args.params_out or args.params_ref) else 0)
+        for i in range(n_warm):
+            r.run(1)
+            if i + 1 == args.params_steps:
+                params_after[r.name] = np.asarray(ravel_pytree(r.carry[0].params)[0])
+        peak[r.name], peak_source = _peak_memory_mb()
+
+    _round_robin(runners, args.steps, args.repeats)
+
+    results: dict[str, Any] = {}
+    for r in runners:
+        results[r.name] = _stats(r, args.batch_size, args.peak_tflops)
+        results[r.name]["peak_mem_mb"] = peak[r.name]
+        results[r.name]["final_loss"] = float(r.last_out["loss"])
+    if "base" in results:
+        base = results["base"]
+        for res in results.values():
+            res["ratio_to_base"] = res["step_ms"] / base["step_ms"]
+            res["ratio_to_base_per_repeat"] = [
+                a / b
+                for a, b in zip(res["step_ms_per_repeat"], base["step_ms_per_repeat"], strict=True)
+            ]
+    else:
+        for res in results.values():
+            res["ratio_to_base"] = None
+    del runners  # Free the donated states before the extras.
+
+    if args.compare_optax_sam:
+        results["_optax_sam"] = _optax_sam_comparison(model, variables, batch, args)
+    if args.breakdown:
+        results["_breakdown"] = _breakdown(model, variables, batch, args)
+    if args.params_out:
+        np.savez(args.params_out, **params_after)
+    if args.params_ref:
+        ref = np.load(args.params_ref)
+        check = {}
+        for name, p in params_after.items():
+            if name in ref:
+                diff = np.abs(p - ref[name])
+                check[name] = {
+                    "max_abs_diff": float(diff.max()),
+                    "max_rel_diff": float((diff / (np.abs(ref[name]) + 1e-6)).max()),
+                    "max_param_abs": float(np.abs(ref[name]).max()),
+                    "allclose_rtol1e-4_atol1e-6": bool(
+                        np.allclose(p, ref[name], rtol=1e-4, atol=1e-6)
+                    ),
+                }
+        results["_params_check"] = {"ref": args.params_ref, "steps": args.params_steps, **check}
+    results["_meta"] = _meta(args, argv, peak_source)
+    results["_meta"]["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point: parses ``argv``, runs, prints a Markdown table, writes ``--out``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    load_start = os.getloadavg()
+    results = run(args, argv)
+    results["_meta"]["loadavg_start"] = load_start
+    print(markdown_table(results))
+    print(
+        f"\n{args.model} {args.dataset_shape} batch {args.batch_size} {args.dtype}, "
+        f"{jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"load avg {load_start[0]:.1f} -> {results['_meta']['loadavg_end'][0]:.1f}"
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
