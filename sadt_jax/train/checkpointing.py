@@ -4,26 +4,101 @@ A checkpoint holds two items:
 
 * ``state``: ``{"state": TrainState, "metrics": running train-metric sums}``
   (everything needed to continue bit-exactly, also from the middle of an epoch);
-* ``meta``: JSON with the loop's position (epoch, step within the epoch) and
-  bookkeeping (best validation loss, wall-clock so far).
+* ``meta``: JSON with the loop's position (epoch, step within the epoch),
+  bookkeeping (best validation loss, wall-clock so far) and a fingerprint of
+  ``state``: one 32-bit checksum per array.
 
-Restores go into an abstract target built with ``jax.eval_shape`` so arrays come
-back with the right shardings. If the latest checkpoint cannot be read (a
-truncated or corrupt write), :meth:`Checkpointer.restore` warns and falls back
-to the previous one.
+Guarantees:
+
+* :meth:`Checkpointer.save` refuses a tree holding NaN or Inf
+  (:class:`NonFiniteStateError`), so no checkpoint on disk is non-finite.
+* :meth:`Checkpointer.restore` restores into an abstract target built with
+  ``jax.eval_shape`` (arrays come back with the right shardings) and checks the
+  result against the saved fingerprint. If the newest checkpoint cannot be read
+  or does not match (a truncated, corrupt or half-written save), it warns and
+  falls back to the previous one; the damaged checkpoints are moved to
+  ``<directory>.unreadable/`` so that training can save those steps again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "NonFiniteStateError",
+    "abstract_like",
+    "all_finite",
+    "fingerprint",
+]
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be restored."""
+
+
+class NonFiniteStateError(ValueError):
+    """A tree with NaN or Inf values was about to be saved; nothing was written."""
+
+
+def _leaf_report(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(checksum, all finite) of one array.
+
+    The checksum is ``sum_i bits_i * (2 i + 1) mod 2**32`` over the array's 32-bit
+    words (16- and 8-bit types are widened): exact integer arithmetic, so it does
+    not depend on the device count or reduction order, and any change of a single
+    word changes it.
+    """
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    bits = bits.reshape(-1)
+    weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32), finite
+
+
+@jax.jit
+def _tree_report(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    reports = [_leaf_report(x) for x in leaves]
+    if not reports:
+        return jnp.zeros([0], jnp.uint32), jnp.array(True)
+    sums = jnp.stack([r[0] for r in reports])
+    return sums, jnp.all(jnp.stack([r[1] for r in reports]))
+
+
+def _report(tree: Any) -> tuple[list[int], bool]:
+    sums, finite = jax.device_get(_tree_report(jax.tree.leaves(tree)))
+    return [int(s) for s in np.asarray(sums)], bool(finite)
+
+
+def fingerprint(tree: Any) -> list[int]:
+    """One 32-bit checksum per leaf of ``tree`` (in ``jax.tree.leaves`` order)."""
+    return _report(tree)[0]
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` is free of NaN and Inf (one device pass)."""
+    return _report(tree)[1]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 class Checkpointer:
@@ -54,47 +129,103 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
-        """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``."""
+        """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``.
+
+        Raises:
+          NonFiniteStateError: ``tree`` holds NaN or Inf; nothing is written.
+        """
+        sums, finite = _report(tree)
+        if not finite:
+            raise NonFiniteStateError(f"refusing to save checkpoint {step}: it holds NaN or Inf")
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(tree),
+                meta=ocp.args.JsonSave({**meta, "fingerprint": sums}),
             ),
             force=True,
         )
 
+    def _restore_step(self, step: int, abstract_tree: Any) -> tuple[Any, dict[str, Any]]:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()
+            ),
+        )
+        tree, meta = restored.state, dict(restored.meta)
+        expected = meta.pop("fingerprint", None)
+        sums, finite = _report(tree)
+        if expected is not None and sums != list(expected):
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+            bad = [p for p, a, b in zip(paths, sums, expected, strict=False) if a != b]
+            raise CheckpointError(
+                f"contents do not match the fingerprint saved with them "
+                f"({len(bad) or 'all'} of {len(paths)} arrays differ, e.g. {bad[:1] or paths[:1]})"
+            )
+        if not finite:
+            raise CheckpointError("it holds NaN or Inf")
+        return tree, meta
+
     def restore(self, abstract_tree: Any) -> tuple[Any, dict[str, Any], int] | None:
-        """Restores the newest readable checkpoint into ``abstract_tree``'s structure.
+        """Restores the newest good checkpoint into ``abstract_tree``'s structure.
+
+        A checkpoint that cannot be read, or whose arrays do not match the
+        fingerprint saved with it, is skipped with a warning; if an older one
+        restores, the skipped ones are moved to ``<directory>.unreadable/``.
 
         Returns:
           ``(tree, meta, step)``, or ``None`` when no checkpoint exists.
 
         Raises:
-          RuntimeError: checkpoints exist but none can be read.
+          CheckpointError: checkpoints exist but none can be restored (nothing is moved).
         """
         steps = self.all_steps()
-        errors = []
+        skipped: list[int] = []
+        errors: list[str] = []
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(
+                tree, meta = self._restore_step(step, abstract_tree)
+            except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
+                errors.append(f"checkpoint {step}: {_first_line(e)}")
+                log.warning(
+                    "checkpoint %d in %s is damaged or unreadable (%s); trying an earlier one",
                     step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()
-                    ),
+                    self.directory,
+                    _first_line(e),
                 )
-                return restored.state, dict(restored.meta), step
-            except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
-                msg = (
-                    f"checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: {e})"
-                )
-                log.warning("%s; falling back to an earlier one", msg.splitlines()[0])
-                errors.append(msg.splitlines()[0])
+                skipped.append(step)
+                continue
+            if skipped:
+                self._set_aside(skipped, restored_step=step)
+            return tree, meta, step
         if steps:
-            raise RuntimeError(
-                f"no readable checkpoint in {self.directory}: {'; '.join(errors)}. "
-                "Delete the folder to start afresh."
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); "
+                "if the config changed, use another --workdir; otherwise move the folder away "
+                "to start afresh"
             )
         return None
+
+    def _set_aside(self, steps: list[int], *, restored_step: int) -> None:
+        aside = f"{self.directory}.unreadable"
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, str(step))
+                n = 1
+                while os.path.exists(target):
+                    target = os.path.join(aside, f"{step}.{n}")
+                    n += 1
+                os.rename(os.path.join(self.directory, str(step)), target)
+                log.warning(
+                    "moved damaged checkpoint %d to %s; resuming from checkpoint %d",
+                    step,
+                    target,
+                    restored_step,
+                )
+        ocp.multihost.sync_global_processes("sadt_jax:set_aside_unreadable_checkpoints")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until background saves are on disk."""

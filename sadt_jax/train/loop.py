@@ -15,6 +15,27 @@ What lands in ``workdir``:
 * ``checkpoints/`` — orbax checkpoints (resumed automatically);
 * TensorBoard event files (clu ``metric_writers``).
 
+Reliability: a run killed at any point and rerun with the same command ends
+with the same parameters and ``metrics.jsonl``, bit for bit, as one that was
+never interrupted (same config and device count). What makes that hold:
+
+* checkpoints at every ``ckpt.every_epochs`` epoch end, and on SIGTERM at the
+  current step, mid-epoch included (the running metric sums are part of the
+  state); rows of ``metrics.jsonl`` newer than the restored checkpoint are
+  dropped on resume;
+* data order from ``(seed, epoch)``, augmentation and noise keys from
+  ``fold_in(key, step)``: a resumed run draws the same batches and noise;
+* the loss and the whole state are checked for NaN/Inf at every log interval,
+  and :class:`Checkpointer` refuses to write a non-finite state, so every
+  checkpoint on disk is finite;
+* an unreadable newest checkpoint is skipped with a warning (see
+  :mod:`sadt_jax.train.checkpointing`).
+
+SIGTERM with one process: a Python handler sets a flag that the loop polls
+before every step. With several processes, JAX's preemption service (started
+by ``jax.distributed.initialize``) receives SIGTERM on any host and all hosts
+agree on the step at which to save (``reached_preemption_sync_point``).
+
 Exit codes of the CLI (see ``sadt_jax.main``): 0 done, 2 bad config/data,
 3 non-finite loss, 143 preempted by SIGTERM after saving a checkpoint.
 """
@@ -33,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,7 +62,12 @@ import sadt_jax
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.data import load_dataset, pipeline
 from sadt_jax.train import builders, steps, validation
-from sadt_jax.train.checkpointing import Checkpointer, abstract_like
+from sadt_jax.train.checkpointing import (
+    Checkpointer,
+    NonFiniteStateError,
+    abstract_like,
+    all_finite,
+)
 
 __all__ = ["NonFiniteLossError", "Preempted", "train_and_evaluate"]
 
@@ -48,30 +75,47 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss; no checkpoint of that state was written."""
+    """Training produced a NaN/Inf loss or state; no checkpoint of that state was written."""
 
 
 class Preempted(RuntimeError):
     """SIGTERM received; a checkpoint was saved and the run can be resumed."""
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls between steps (main thread only)."""
+class _Preemption:
+    """SIGTERM as a flag the loop polls between steps.
+
+    One process: a Python handler (main thread only) sets the flag. Several
+    processes: JAX's preemption sync service catches SIGTERM (a Python handler
+    would hide it) and :meth:`stop_at` turns true on every host at the same step.
+    """
 
     def __init__(self):
-        self.set = False
+        self._flag = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no preemption handling
-            self._previous = None
+        if not self._multi:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no preemption handling
+                self._previous = None
         return self
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.set = True
+        self._flag = True
+
+    def requested(self) -> bool:
+        """SIGTERM seen by this process (one-process runs; ``False`` with several)."""
+        return self._flag
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to save and stop before running ``step``; call it at every step."""
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -167,9 +211,15 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
     Raises:
       validation.ConfigError: invalid config (before any compute).
       sadt_jax.data.DatasetError: data missing or unreadable.
-      NonFiniteLossError: the loss became NaN/Inf.
+      NonFiniteLossError: the loss or the state became NaN/Inf.
       Preempted: SIGTERM received (a checkpoint was saved first).
+      checkpointing.CheckpointError: checkpoints exist in ``workdir`` but none is readable.
     """
+    with _Preemption() as preemption:
+        return _train_and_evaluate(config, workdir, allow_config_change, preemption)
+
+
+def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dict:
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     validation.validate_config(config)
@@ -177,6 +227,7 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     validation.guard_workdir(config, workdir, allow_change=allow_config_change)
+    validation.validate_against_model(config, sadt_config)
 
     # ---- Data ------------------------------------------------------------------
     ds = load_dataset(
@@ -195,7 +246,6 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     model = builders.build_model(config, ds.num_classes)
-    validation.validate_against_model(model, ds.image_shape, sadt_config, config)
     tx = builders.build_optimizer(config, steps_per_epoch)
     init_seed = config.seed if config.get("init_seed") is None else config.init_seed
     init_key = jax.random.PRNGKey(init_seed)  # same initial weights for every method
@@ -213,7 +263,10 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
         )
 
     state = jax.jit(init_state, out_shardings=replicated)()
-    sums = jax.device_put(steps.init_metric_sums(), replicated)
+    # jit, not device_put: a device_put of local arrays to a multi-process sharding
+    # makes arrays that orbax cannot save.
+    zero_sums = jax.jit(steps.init_metric_sums, out_shardings=replicated)
+    sums = zero_sums()
 
     # ---- Resume ------------------------------------------------------------------
     ckpt = None
@@ -228,9 +281,12 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
         if restored is not None:
             tree, meta, ckpt_step = restored
             state, sums = tree["state"], tree["metrics"]
-            log.info("Resumed from checkpoint at step %d (epoch %d)", ckpt_step, meta["epoch"])
             if is_main:
-                print(f"Resuming from step {ckpt_step} (epoch {meta['epoch']})", flush=True)
+                print(
+                    f"Resuming from the checkpoint at step {ckpt_step} (epoch "
+                    f"{meta['epoch'] + 1}, after {meta['step_in_epoch']} of its steps)",
+                    flush=True,
+                )
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     timing_path = os.path.join(workdir, "timing.jsonl")
@@ -278,9 +334,23 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
             flush=True,
         )
 
-    def save(epoch: int, step_in_epoch: int):
+    checked_step = step  # the loss and the state were finite after this step
+
+    def diverged(last_step: int) -> NonFiniteLossError:
+        good = ckpt.latest_step() if ckpt is not None else None
+        where = f"step {good} in {ckpt.directory}" if good is not None else "none"
+        return NonFiniteLossError(
+            f"training diverged: non-finite loss or parameters at step {last_step} "
+            f"(finite up to step {checked_step}); no checkpoint of it was written; "
+            f"last good checkpoint: {where}; lower optim.learning_rate or sadt.rho"
+        )
+
+    def save(epoch: int, step_in_epoch: int) -> bool:
+        """Checkpoints the current position; ``False`` when checkpoints are off."""
         if ckpt is None:
-            return
+            return False
+        if ckpt.latest_step() == step:  # already on disk (e.g. SIGTERM after an epoch end)
+            return True
         meta_out = {
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
@@ -288,9 +358,20 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
             "best": best,
             "global_step": step,
         }
-        ckpt.save(step, {"state": state, "metrics": sums}, meta_out)
+        try:
+            ckpt.save(step, {"state": state, "metrics": sums}, meta_out)
+        except NonFiniteStateError:
+            raise diverged(step) from None
+        if is_main:
+            print(f"checkpoint saved at step {step}", flush=True)
+        return True
 
-    with _SigtermFlag() as sigterm:
+    try:
+        if preemption.requested():
+            raise Preempted(
+                "SIGTERM before training started, nothing new to save; "
+                "rerun the same command to resume"
+            )
         for epoch in range(int(meta["epoch"]), num_epochs):
             indices = pipeline.train_batch_indices(
                 ds.num_train,
@@ -304,13 +385,16 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             t_epoch = time.time()
             for s in range(start_in_epoch, epoch_steps):
-                if sigterm.set:
+                if preemption.stop_at(step):
                     train_time += time.time() - t_epoch
-                    save(epoch, s)
-                    if ckpt is not None:
-                        ckpt.wait()
+                    if not save(epoch, s):
+                        raise Preempted(
+                            f"SIGTERM at step {step}; nothing saved (ckpt.enabled is False)"
+                        )
+                    ckpt.wait()
                     raise Preempted(
-                        f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
+                        f"SIGTERM: checkpoint saved at step {step} (epoch {epoch + 1}, "
+                        f"{s}/{epoch_steps} steps done) in {ckpt.directory}; "
                         "rerun the same command to resume"
                     )
                 t0 = time.time()
@@ -330,13 +414,9 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
                 if step % config.log_every_steps == 0 or s == epoch_steps - 1:
                     host = jax.device_get(sums)
                     n = max(float(host["count"]), 1.0)
-                    if not np.isfinite(host["loss"]):
-                        last = ckpt.latest_step() if ckpt is not None else None
-                        raise NonFiniteLossError(
-                            f"non-finite loss by step {step} (epoch {epoch + 1}); last good "
-                            f"checkpoint: {'step ' + str(last) if last is not None else 'none'} "
-                            f"in {workdir}/checkpoints; lower the learning rate or rho"
-                        )
+                    if not (np.isfinite(host["loss"]) and all_finite(state)):
+                        raise diverged(step)
+                    checked_step = step
                     if is_main:
                         elapsed = train_time + time.time() - t_epoch
                         done = step - (meta.get("global_step") or 0)
@@ -415,16 +495,17 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
                     f"{timing[-1]['epoch_time_s']:.1f} s train, {eval_time:.1f} s eval"
                 )
                 print(msg, flush=True)
-            sums = jax.device_put(steps.init_metric_sums(), replicated)
+            sums = zero_sums()
             if config.ckpt.enabled and (
                 (epoch + 1) % config.ckpt.every_epochs == 0 or epoch + 1 == num_epochs
             ):
                 save(epoch + 1, 0)
             meta["epoch"], meta["step_in_epoch"] = epoch + 1, 0
 
-    if ckpt is not None:
-        ckpt.close()
-    writer.close()
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        writer.close()
     summary = _summary(
         config, sadt_config, history, timing, best, steps_per_epoch, total_steps, t_start
     )

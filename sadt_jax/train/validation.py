@@ -1,14 +1,17 @@
 """Config validation and the workdir guard: fail in one line, before any compute.
 
-:func:`validate_config` checks everything knowable from the config alone;
-:func:`validate_against_data` and :func:`validate_against_model` check what needs
-the dataset size or the model's parameter tree (still before training starts).
-Every problem is one line of a :class:`ConfigError` saying what is wrong and how
-to fix it; several problems are reported together.
+:func:`validate_config` checks everything knowable from the config alone (names
+of the method, model and dataset included); :func:`validate_against_model` checks
+T2's parameter paths against the model's parameter tree (traced, not run), and
+:func:`validate_against_data` what needs the dataset size. The first two run
+before any data is read or anything is compiled. Every problem is one line of a
+:class:`ConfigError` saying what is wrong and how to fix it; several problems are
+reported together.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any
@@ -20,8 +23,15 @@ from sadt_jax import models
 from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import NOISE_MODES, param_paths
 from sadt_jax.algorithm.step import BN_STATS, KL_DIRECTIONS, OBJECTIVES, TEACHERS
+from sadt_jax.train import builders
 
-__all__ = ["ConfigError", "guard_workdir", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "guard_workdir",
+    "validate_against_data",
+    "validate_against_model",
+    "validate_config",
+]
 
 AUGMENTS = ("none", "cutmix", "crop_flip", "crop_flip_cutmix")
 DTYPES = ("float32", "bfloat16")
@@ -40,6 +50,33 @@ def _choices(value, valid, field):
     return None
 
 
+def _dataset_error(name: str) -> str | None:
+    """``None`` if ``name`` is Fashion-MNIST or a dataset tensorflow-datasets knows.
+
+    Looks the name up in tfds' registry, which does not import TensorFlow (about
+    a second), so a typo fails before anything is loaded.
+    """
+    if name == "fashion_mnist":
+        return None
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        return (
+            f"data.name={name!r} needs tensorflow-datasets, which is not installed: "
+            "`pip install tensorflow-datasets`, or use data.name=fashion_mnist"
+        )
+    known = tfds.list_builders(with_community_datasets=False)
+    base = name.split(":")[0].split("/")[0]
+    if base in known:
+        return None
+    close = difflib.get_close_matches(base, known, n=3)
+    suggestions = dict.fromkeys(["fashion_mnist", *close, "cifar10", "cifar100"])
+    return (
+        f"data.name={name!r} is not a known dataset; choose one of: {', '.join(suggestions)}, "
+        "or another tensorflow-datasets name (`tfds.list_builders()` lists them)"
+    )
+
+
 def validate_config(config: Any) -> None:
     """Checks ranges and names in ``config``; raises :class:`ConfigError` listing each problem."""
     errors: list[str | None] = []
@@ -51,6 +88,7 @@ def validate_config(config: Any) -> None:
 
     errors.append(_choices(config.method, tuple(METHODS), "method"))
     errors.append(_choices(config.model.name, models.MODEL_NAMES, "model.name"))
+    errors.append(_dataset_error(config.data.name))
     errors.append(_choices(config.model.dtype, DTYPES, "model.dtype"))
     errors.append(_choices(config.data.augment, AUGMENTS, "data.augment"))
     errors.append(_choices(config.optim.optimizer, OPTIMIZERS, "optim.optimizer"))
@@ -117,10 +155,30 @@ def validate_against_data(config: Any, num_train: int, sadt_config: Any) -> None
         )
 
 
-def validate_against_model(model: Any, image_shape, sadt_config: Any, config: Any) -> None:
-    """Checks T2's parameter paths against the model's actual parameter tree."""
+def validate_against_model(
+    config: Any,
+    sadt_config: Any,
+    *,
+    image_shape: tuple[int, ...] | None = None,
+    num_classes: int = 10,
+) -> None:
+    """Checks T2's parameter paths against the model's parameter tree.
+
+    The tree comes from ``jax.eval_shape`` of ``model.init`` (nothing runs). The
+    names of a model's parameters do not depend on the image size or the number
+    of classes, so this can run before the data is loaded, with a probe shape.
+
+    Args:
+      config: the run's config.
+      sadt_config: its resolved :class:`SADTConfig`.
+      image_shape: ``(H, W, C)``; default ``(28, 28, 1)`` for Fashion-MNIST, else ``(32, 32, 3)``.
+      num_classes: the number of classes to build the model with.
+    """
     if not (sadt_config.objective == "sadt" and sadt_config.teachers == "t2"):
         return
+    if image_shape is None:
+        image_shape = (28, 28, 1) if config.data.name == "fashion_mnist" else (32, 32, 3)
+    model = builders.build_model(config, num_classes)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)
     )
