@@ -215,9 +215,9 @@ def sadt_update(
     batch_size = images.shape[0]
     m = cfg.m_sharpness
     grouped = 0 < m < batch_size
-    if grouped and batch_size % m:
+    if m > batch_size or (grouped and batch_size % m):
         raise ValueError(
-            f"m_sharpness={m} must divide the per-device batch size {batch_size}; "
+            f"m_sharpness={m} must divide (and not exceed) the per-device batch size {batch_size}; "
             "choose a divisor or set m_sharpness=0"
         )
 
@@ -376,7 +376,7 @@ def sadt_update(
     metrics = {
         "loss": ce + cfg.ema_weight * ema_kd + kd_total,
         "ce": ce,
-        "kd": kd_total + ema_kd,
+        "kd": kd_total + cfg.ema_weight * ema_kd,
         "accuracy": losses.accuracy(logits, labels),
         "grad_norm": tree_norm(g),
         "teacher_grad_norm": g2_norm,
