@@ -77,6 +77,20 @@ def _dataset_error(name: str) -> str | None:
     )
 
 
+def _model_options_error(config: Any) -> str | None:
+    """``None`` if the model accepts the options in ``config.model`` (builds it; no init)."""
+    try:
+        builders.build_model(config, num_classes=10)
+    except TypeError as e:
+        if "dropout_rate" in str(e):
+            return (
+                f"model.dropout_rate={config.model.dropout_rate!r}: model {config.model.name} "
+                "has no dropout; set --config.model.dropout_rate=None"
+            )
+        return f"model {config.model.name} does not take the options in config.model ({e})"
+    return None
+
+
 def validate_config(config: Any) -> None:
     """Checks ranges and names in ``config``; raises :class:`ConfigError` listing each problem."""
     errors: list[str | None] = []
@@ -88,6 +102,8 @@ def validate_config(config: Any) -> None:
 
     errors.append(_choices(config.method, tuple(METHODS), "method"))
     errors.append(_choices(config.model.name, models.MODEL_NAMES, "model.name"))
+    if config.model.name in models.MODEL_NAMES and config.model.dtype in DTYPES:
+        errors.append(_model_options_error(config))
     errors.append(_dataset_error(config.data.name))
     errors.append(_choices(config.model.dtype, DTYPES, "model.dtype"))
     errors.append(_choices(config.data.augment, AUGMENTS, "data.augment"))
