@@ -1,0 +1,450 @@
+"""Experiment suites: cell grids, the runner's skip/resume/failure logic, aggregation.
+
+The runner is tested with a fake launcher (no training); the aggregation on small
+synthetic workdirs with known numbers; the checkpoint restore and the sharpness
+measurement on a two-step run of the real loop on a tiny synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import aggregate, run_suite, suites
+
+# ---- Suites ------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_suite_grid():
+    cells = suites.suite_cells("fashion_mnist")
+    assert len(cells) == 27
+    methods = [c.method for c in cells[:9]]
+    assert methods == [*suites.PAPER_METHODS, "base_2x", "sadt_t1_1u"]
+    assert [c.seed for c in cells] == [0] * 9 + [1] * 9 + [2] * 9  # seed-major
+    assert len({c.name for c in cells}) == 27
+    cmd = cells[4].command("runs", python="python")
+    assert cmd[:4] == ["python", "-m", "sadt_jax.main", "--config=configs/fashion_mnist.py:sadt_t1"]
+    assert f"--workdir={os.path.abspath('runs/fashion_mnist/sadt_t1_s0')}" in cmd
+    assert "--config.data.num_validation=3000" in cmd and "--config.seed=0" in cmd
+    # No init_seed override: the initial weights depend on the seed only.
+    assert not any("init_seed" in a for a in cmd)
+
+
+def test_paper_and_sensitivity_grids():
+    paper = suites.suite_cells("paper")
+    assert len(paper) == 2 * 4 * 7 * 2
+    assert paper[0].config == "configs/cifar10.py:base,b512"
+    assert ("model.name", "simple_cnn") in paper[0].overrides
+    assert len(suites.suite_cells("paper", seeds=[0, 1])) == 224
+
+    sens = suites.suite_cells("sensitivity")
+    runs = suites.unique_runs(sens)
+    assert len(sens) == 12 + 3 + 6 and len(runs) == 20  # T1 default shared by two groups
+    assert {c.group for c in sens} == {"t1_rho_noise", "t3_noise", "batch"}
+    names = [c.name for c in runs]
+    assert "t1_rho5e-4_noise0_b256_s0" in names and "t3_noise1e-5_b256_s0" in names
+    cmd = runs[0].command("r", python="python")
+    assert "--config.sadt.rho=0.0005" in cmd and "--config.sadt.noise_std=0.0" in cmd
+
+
+def test_smoke_and_sharpness_cells():
+    smoke = suites.suite_cells("fashion_mnist", [0], smoke=True, only=["base_s", "sadt_t1_s"])
+    assert [c.name for c in smoke] == ["base_s0", "sadt_t1_s0"]
+    assert smoke[0].suite == "fashion_mnist_smoke"
+    assert ("num_steps", 8) in smoke[0].overrides
+    sharp = suites.suite_cells("sharpness", [1])
+    assert len(sharp) == 9 and sharp[0].source == "fashion_mnist/base_s1"
+    cmd = sharp[0].command("runs", python="python")
+    assert cmd[:3] == ["python", "-m", "experiments.sharpness"]
+    assert cmd[4] == f"--out={os.path.abspath('runs/sharpness/base_s1/sharpness.json')}"
+
+
+def test_fmt_number_and_estimates():
+    assert [suites.fmt_number(x) for x in (5e-4, 1e-3, 0.0, 1e-5, 0.05, 256)] == [
+        "5e-4",
+        "1e-3",
+        "0",
+        "1e-5",
+        "5e-2",
+        "256",
+    ]
+    total = sum(suites.estimate_seconds(c, "cpu2") for c in suites.suite_cells("fashion_mnist"))
+    assert total < 2 * 3600  # the budget the suite's docstring promises
+    with pytest.raises(ValueError, match="valid suites"):
+        suites.get_suite("nope")
+
+
+# ---- Synthetic workdirs --------------------------------------------------------------------
+
+
+def _write_run(workdir, cell, accs, *, epoch_time=10.0, test_offset=-0.01):
+    """A finished run whose val accuracy per epoch is ``accs``."""
+    os.makedirs(workdir, exist_ok=True)
+    history, timing = [], []
+    for e, a in enumerate(accs, 1):
+        history.append(
+            {
+                "epoch": e,
+                "step": 10 * e,
+                "train_loss": 1.0 / e,
+                "val_loss": 1.0 - a,
+                "val_accuracy": a,
+                "test_loss": 1.0 - a,
+                "test_accuracy": a + test_offset,
+            }
+        )
+        timing.append({"epoch": e, "train_time_s": epoch_time * e, "epoch_time_s": epoch_time})
+    for name, rows in (("metrics.jsonl", history), ("timing.jsonl", timing)):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    best = max(history, key=lambda r: r["val_accuracy"])
+    summary = {
+        "method": cell.method,
+        "seed": cell.seed,
+        "epochs": len(accs),
+        "steps": 10 * len(accs),
+        "final": {k: history[-1][k] for k in ("val_accuracy", "test_accuracy")},
+        "best_val": {
+            "epoch": best["epoch"],
+            "val_loss": best["val_loss"],
+            "val_accuracy": best["val_accuracy"],
+            "test_accuracy": best["test_accuracy"],
+        },
+        "train_time_s": epoch_time * len(accs),
+        "median_epoch_time_s": epoch_time,
+        "versions": {"jax": "0.0-test", "sadt_jax": "0.1.0"},
+        "devices": {"platform": "cpu", "device_kind": "cpu", "device_count": 1},
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+# Val accuracy per epoch for seeds 0, 1, 2.
+BASE_ACCS = {0: [0.50, 0.60, 0.70], 1: [0.55, 0.65, 0.72], 2: [0.52, 0.62, 0.74]}
+T1_ACCS = {0: [0.60, 0.75, 0.80], 1: [0.62, 0.71, 0.78], 2: [0.58, 0.76, 0.82]}
+
+
+@pytest.fixture
+def synthetic_suite(tmp_path):
+    """fashion_mnist runs: base and sadt_t1 finished for seeds 0-2, sam partial, gc failed."""
+    root = str(tmp_path / "runs")
+    cells = {c.name: c for c in suites.suite_cells("fashion_mnist")}
+    for seed in range(3):
+        for name, accs in (("base", BASE_ACCS), ("sadt_t1", T1_ACCS)):
+            cell = cells[f"{name}_s{seed}"]
+            _write_run(
+                cell.workdir(root), cell, accs[seed], epoch_time=10.0 * (1 + (name != "base"))
+            )
+    os.makedirs(os.path.join(cells["sam_s0"].workdir(root), "checkpoints"))
+    gc = cells["gc_s0"].workdir(root)
+    os.makedirs(gc)
+    with open(os.path.join(gc, "suite_run.json"), "w") as f:
+        json.dump({"attempts": [{"returncode": 3, "outcome": "failed: non-finite loss"}]}, f)
+    return root
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def test_aggregate_statistics(synthetic_suite, tmp_path):
+    out = str(tmp_path / "results")
+    written = aggregate.aggregate_suite("fashion_mnist", synthetic_suite, out, plots=False)
+    assert written[0].endswith("REPORT.md")
+    rows = {r["label"]: r for r in _csv_rows(os.path.join(out, "accuracy.csv"))}
+    assert rows["base"]["n"] == "3" and rows["sadt_t1"]["n"] == "3"
+    assert rows["sam"]["n"] == "0" and rows["sam"]["final_val_mean"] == ""
+    finals = [BASE_ACCS[s][-1] for s in range(3)]
+    assert float(rows["base"]["final_val_mean"]) == pytest.approx(np.mean(finals), abs=1e-6)
+    assert float(rows["base"]["final_val_std"]) == pytest.approx(np.std(finals, ddof=1), abs=1e-6)
+    assert float(rows["sadt_t1"]["best_val_test_mean"]) == pytest.approx(
+        np.mean([0.79, 0.77, 0.81]), abs=1e-6
+    )
+    assert float(rows["sadt_t1"]["train_time_mean"]) == pytest.approx(60.0)
+
+    md = open(os.path.join(out, "accuracy.md")).read()
+    assert "72.00 ± 2.00" in md  # base final val: 70, 72, 74
+    assert "python -m experiments.aggregate --suite=fashion_mnist" in md
+    assert "same initial weights" in md and "0.0-test" in md
+
+    conv = {r["label"]: r for r in _csv_rows(os.path.join(out, "convergence.csv"))}
+    # 0.7: base reaches it at epoch 3 in all seeds; sadt_t1 at epoch 2 in all seeds.
+    assert conv["base"]["reach_0.7_k"] == "3"
+    assert float(conv["base"]["reach_0.7_epochs_mean"]) == 3.0
+    assert float(conv["sadt_t1"]["reach_0.7_epochs_mean"]) == 2.0
+    assert float(conv["sadt_t1"]["reach_0.7_time_mean"]) == pytest.approx(40.0)
+    # 0.8: sadt_t1 seed 0 (epoch 3) and seed 2 (epoch 3); base never.
+    assert conv["sadt_t1"]["reach_0.8_k"] == "2" and conv["base"]["reach_0.8_k"] == "0"
+    assert "(2/3)" in open(os.path.join(out, "convergence.md")).read()
+
+    vs = {r["label"]: r for r in _csv_rows(os.path.join(out, "vs_base.csv"))}
+    diffs = [T1_ACCS[s][-1] - BASE_ACCS[s][-1] for s in range(3)]
+    assert float(vs["sadt_t1"]["d_final_test_mean"]) == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert vs["sadt_t1"]["d_final_test_wins"] == "3"
+    assert float(vs["sadt_t1"]["time_ratio_mean"]) == pytest.approx(2.0)
+
+    states = {r["cell"]: r["state"] for r in _csv_rows(os.path.join(out, "runs.csv"))}
+    assert states["base_s0"] == "done" and states["sam_s0"] == "partial"
+    assert states["gc_s0"] == "failed" and states["agc_s0"] == "new"
+
+
+def test_aggregate_regenerates_identically_and_plots(synthetic_suite, tmp_path):
+    out = str(tmp_path / "results")
+    aggregate.aggregate_suite("fashion_mnist", synthetic_suite, out)
+    tables = sorted(f for f in os.listdir(out) if f.endswith((".md", ".csv")))
+    first = {f: open(os.path.join(out, f)).read() for f in tables}
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert pngs == sorted(
+        f"{k}_fashion_mnist.png"
+        for k in ("curves_val", "curves_test", "acc_vs_time", "final", "bars")
+    )
+    for p in pngs:
+        with open(os.path.join(out, p), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (
+        aggregate.main(
+            [
+                "--suite=fashion_mnist",
+                f"--root={synthetic_suite}",
+                f"--results_dir={out}",
+            ]
+        )
+        == 0
+    )
+    second = {f: open(os.path.join(out, f)).read() for f in tables}
+    assert first == second
+
+
+def test_mean_std_edge_cases():
+    assert aggregate.mean_std([]) == (None, None, 0)
+    assert aggregate.mean_std([0.5, None]) == (0.5, None, 1)
+    m, s, n = aggregate.mean_std([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and s == pytest.approx(1.0)
+    assert aggregate.fmt_ms(0.5, None, scale=100) == "50.00"
+    assert aggregate.fmt_ms(None, None) == "–"
+
+
+def test_aggregate_sharpness(synthetic_suite, tmp_path):
+    for cell in suites.suite_cells("sharpness"):
+        if cell.method not in ("base", "sadt_t1"):
+            continue
+        os.makedirs(cell.workdir(synthetic_suite))
+        lam = 10.0 + cell.seed if cell.method == "base" else 5.0
+        with open(os.path.join(cell.workdir(synthetic_suite), "sharpness.json"), "w") as f:
+            json.dump(
+                {
+                    "hessian": {"top_eigenvalue": lam},
+                    "worst_case_loss_increase": {"0.01": 0.1, "0.05": 0.5},
+                    "loss": 0.3,
+                },
+                f,
+            )
+    out = str(tmp_path / "sharp")
+    aggregate.aggregate_suite("sharpness", synthetic_suite, out)
+    rows = {r["label"]: r for r in _csv_rows(os.path.join(out, "sharpness.csv"))}
+    assert rows["base"]["n"] == "3" and float(rows["base"]["lambda_max_mean"]) == 11.0
+    assert float(rows["base"]["lambda_max_std"]) == pytest.approx(1.0)
+    assert float(rows["sadt_t1"]["worst_case_0.05_mean"]) == 0.5
+    assert float(rows["sadt_t1"]["final_test_mean"]) == pytest.approx(np.mean([0.79, 0.77, 0.81]))
+    assert rows["gc"]["n"] == "0"
+    assert os.path.exists(os.path.join(out, "sharpness_vs_accuracy.png"))
+
+
+# ---- The runner -----------------------------------------------------------------------------
+
+
+class FakeLauncher:
+    """Stands in for the subprocess: records calls, "trains" by writing a summary."""
+
+    def __init__(self, fail=(), root=None):
+        self.calls, self.fail, self.root = [], set(fail), root
+
+    def __call__(self, argv, log_path, cwd):
+        workdir = os.path.dirname(log_path)
+        name = os.path.basename(workdir)
+        self.calls.append(name)
+        assert cwd == suites.REPO_ROOT and os.path.exists(log_path)
+        if name in self.fail:
+            return 3
+        cell = next(c for c in suites.suite_cells("fashion_mnist", [0, 1]) if c.name == name)
+        _write_run(workdir, cell, [0.5, 0.6])
+        return 0
+
+
+def test_runner_skips_resumes_records_failures(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    cells = suites.suite_cells("fashion_mnist", [0, 1], only=["base_s", "sadt_t1_s", "sam_s"])
+    assert [c.name for c in cells] == ["base_s0", "sam_s0", "sadt_t1_s0"] + [
+        "base_s1",
+        "sam_s1",
+        "sadt_t1_s1",
+    ]
+    _write_run(cells[0].workdir(root), cells[0], [0.5])  # finished: skipped
+    os.makedirs(os.path.join(cells[2].workdir(root), "checkpoints"))  # interrupted: resumed
+    launcher = FakeLauncher(fail={"sam_s0"})
+    result = run_suite.run_cells(cells, root, launcher=launcher, python="python")
+    assert launcher.calls == ["sam_s0", "sadt_t1_s0", "base_s1", "sam_s1", "sadt_t1_s1"]
+    assert result["skipped"] == ["base_s0"] and result["failed"] == ["sam_s0"]
+    assert result["done"] == ["sadt_t1_s0", "base_s1", "sam_s1", "sadt_t1_s1"]
+    status = json.load(open(os.path.join(cells[1].workdir(root), "suite_run.json")))
+    assert status["attempts"][-1]["returncode"] == 3
+    assert "non-finite" in status["attempts"][-1]["outcome"]
+    assert status["attempts"][-1]["command"][2] == "sadt_jax.main"
+    assert "resuming" in capsys.readouterr().out
+    assert run_suite.cell_state(cells[1], root) == "failed"
+    runs_log = open(os.path.join(root, "fashion_mnist", "_runs.jsonl")).read().splitlines()
+    assert len(runs_log) == 5
+
+    # A second pass reruns only the failed cell.
+    launcher = FakeLauncher()
+    result = run_suite.run_cells(cells, root, launcher=launcher, python="python")
+    assert launcher.calls == ["sam_s0"] and result["done"] == ["sam_s0"]
+    status = json.load(open(os.path.join(cells[1].workdir(root), "suite_run.json")))
+    assert [a["returncode"] for a in status["attempts"]] == [3, 0]
+
+
+def test_runner_cli_dry_run_and_aggregation(tmp_path, capsys):
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    args = [
+        "--suite=fashion_mnist",
+        f"--root={root}",
+        "--seeds=0",
+        "--only=base_s,sadt_t1_s",
+        f"--results_dir={out}",
+    ]
+    launcher = FakeLauncher()
+    assert run_suite.main([*args, "--dry_run"], launcher=launcher) == 0
+    assert launcher.calls == [] and not os.path.exists(root)
+    assert "--config=configs/fashion_mnist.py:sadt_t1" in capsys.readouterr().out
+
+    rc = run_suite.main(args, launcher=launcher)
+    assert launcher.calls == ["base_s0", "sadt_t1_s0"] and rc == 0
+    rows = {r["label"]: r for r in _csv_rows(os.path.join(out, "accuracy.csv"))}
+    assert rows["base"]["n"] == "1" and rows["gc"]["n"] == "0"
+    # The tables name the aggregation command, which regenerates them identically.
+    before = open(os.path.join(out, "accuracy.md")).read()
+    assert f"--root={root} --seeds=0" in before
+    assert run_suite.main([*args, "--aggregate_only"], launcher=launcher) == 0
+    assert open(os.path.join(out, "accuracy.md")).read() == before
+    assert launcher.calls == ["base_s0", "sadt_t1_s0"]
+
+    failing = FakeLauncher(fail={"base_s1"})
+    rc = run_suite.main(
+        [*args[:2], "--seeds=1", "--only=base_s", f"--results_dir={out}"], launcher=failing
+    )
+    assert rc == 1
+
+
+# ---- Restore and sharpness on a real (tiny) run ---------------------------------------------
+
+
+def _tiny_dataset():
+    from sadt_jax.data import Dataset
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), rng.integers(0, 10, n).astype(
+            np.int32
+        )
+
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = split(64), split(32), split(32)
+    return Dataset(
+        tr_x, tr_y, va_x, va_y, te_x, te_y, 10, (8, 8, 1), np.float32([120.0]), np.float32([70.0])
+    )
+
+
+def test_restore_and_sharpness_on_a_tiny_run(tmp_path, monkeypatch):
+    import jax
+
+    from configs import fashion_mnist
+    from experiments import restore, sharpness
+    from sadt_jax.train import loop, steps
+
+    ds = _tiny_dataset()
+    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: ds)
+    config = fashion_mnist.get_config("base")
+    config.batch_size, config.num_steps, config.eval_batch_size = 32, 2, 32
+    config.data.augment = "none"  # less to compile
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(config, workdir)
+
+    run = restore.restore_run(workdir, dataset=ds)
+    assert run.step == summary["steps"] == 2 and int(run.state.step) == 2
+    assert run.config.method == "base"
+    batch = {"image": ds.test_images, "label": ds.test_labels, "mask": np.ones(32, np.float32)}
+    eval_fn = jax.jit(lambda st, b: steps.eval_sums(st, b, mean=ds.mean, std=ds.std))
+    sums = jax.device_get(eval_fn(run.state, batch))
+    assert float(sums["correct"]) / 32 == pytest.approx(summary["final"]["test_accuracy"])
+
+    monkeypatch.setattr(restore, "load_dataset", lambda *a, **k: ds)
+    # The measurements themselves are tested in test_sharpness.py; here only the plumbing
+    # (restore, batch, loss, JSON), with stand-ins that skip their long compilations.
+    from sadt_jax import sharpness as measures
+
+    def fake_eigenvalue(loss_fn, params, *, key, num_iters, tol):
+        del key, tol
+        return loss_fn(params), {"num_iters": num_iters, "converged": True, "residual": 0.0}
+
+    def fake_worst_case(loss_fn, params, *, rho, num_steps):
+        del num_steps
+        return rho * loss_fn(params)
+
+    monkeypatch.setattr(measures, "hessian_top_eigenvalue", fake_eigenvalue)
+    monkeypatch.setattr(measures, "worst_case_loss_increase", fake_worst_case)
+    out = tmp_path / "sharp" / "sharpness.json"
+    rc = sharpness.main(
+        [
+            f"--workdir={workdir}",
+            f"--out={out}",
+            "--num_examples=16",
+            "--num_iters=2",
+            "--rhos=0.05",
+            "--ascent_steps=1",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["num_examples"] == 16 and result["checkpoint_step"] == 2
+    loss = result["loss"]
+    assert math.isfinite(loss) and result["hessian"]["top_eigenvalue"] == pytest.approx(loss)
+    assert result["hessian"]["num_iters"] == 2
+    assert result["worst_case_loss_increase"]["0.05"] == pytest.approx(0.05 * loss)
+
+
+def test_aggregate_paper_pivot(tmp_path):
+    """Paper layout: methods as rows, dataset/model/batch as columns."""
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    cells = [
+        c
+        for c in suites.suite_cells("paper")
+        if c.method in ("base", "sadt_t1")
+        and c.model in ("simple_cnn", "resnet56")
+        and c.dataset == "cifar10"
+    ]
+    for i, c in enumerate(cells):
+        _write_run(c.workdir(root), c, [0.3, 0.4 + 0.01 * i])
+    aggregate.aggregate_suite("paper", root, out, plots=False)
+    md = open(os.path.join(out, "pivot_paper_final_test.md")).read()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    settings = [
+        f"{d}/{m}/{v}"
+        for d in suites.PAPER_DATASETS
+        for m in suites.PAPER_MODELS
+        for v in suites.PAPER_VARIANTS
+    ]
+    assert header == "| method | " + " | ".join(settings) + " |"  # all 16, even if missing
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "(n=" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| base", "| sadt_t1"]
+    # base: 0.40 + 0.01 i (i = 0, 1, then 2, 3 for resnet56) minus the 0.01 test offset.
+    assert rows[0].split(" | ")[1:3] == ["39.00 (n=1)", "41.00 (n=1)"]
+    assert rows[0].split(" | ")[7:9] == ["43.00 (n=1)", "45.00 (n=1)"]
+    groups = aggregate._by_key(aggregate.collect_runs(suites.suite_cells("paper"), root))
+    bars = aggregate.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
+    assert os.path.getsize(bars) > 0
