@@ -25,6 +25,7 @@ problem, without a traceback):
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -120,6 +121,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _simulated_devices_workaround() -> None:
+    """Simulated CPU devices (``--xla_force_host_platform_device_count``) can deadlock in
+    a collective's rendezvous on few cores (jaxlib 0.10.2) while several programs are in
+    flight or Eigen's thread pool is busy; synchronous dispatch and single-threaded Eigen
+    avoid it. Real accelerators and plain CPU runs are left untouched."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla_flags:
+        return
+    if "xla_cpu_multi_thread_eigen" not in xla_flags:
+        os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_cpu_multi_thread_eigen=false"
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def main(argv) -> int:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -127,6 +143,7 @@ def main(argv) -> int:
     if problem:
         _error(problem)
         return EXIT_BAD_INPUT
+    _simulated_devices_workaround()
     _init_distributed()
     from sadt_jax.data import DatasetError
     from sadt_jax.train import ConfigError, NonFiniteLossError, Preempted, train_and_evaluate
