@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -91,18 +90,9 @@ def restore_run(workdir: str, *, dataset: Dataset | None = None) -> RestoredRun:
     steps_per_epoch = pipeline.steps_per_epoch(ds.num_train, config.batch_size)
     model = builders.build_model(config, ds.num_classes)
     tx = builders.build_optimizer(config, steps_per_epoch)
-    init_seed = config.seed if config.get("init_seed") is None else config.init_seed
 
     def init_tree():
-        dummy = jnp.zeros((1, *ds.image_shape), jnp.float32)
-        variables = model.init(jax.random.PRNGKey(init_seed), dummy, train=False)
-        state = TrainState.create(
-            apply_fn=model.apply,
-            variables=variables,
-            tx=tx,
-            key=jax.random.PRNGKey(config.seed),
-            ema_teacher=sadt_config.uses_ema,
-        )
+        state = builders.init_state(config, model, ds.image_shape, tx, sadt_config)
         return {"state": state, "metrics": steps.init_metric_sums()}
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

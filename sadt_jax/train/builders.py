@@ -11,14 +11,23 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from sadt_jax import models
 from sadt_jax.algorithm.methods import make_optimizer, method_config
+from sadt_jax.algorithm.state import TrainState
 from sadt_jax.algorithm.step import SADTConfig
 
-__all__ = ["build_model", "build_optimizer", "num_train_steps", "resolve_sadt_config"]
+__all__ = [
+    "build_model",
+    "build_optimizer",
+    "init_state",
+    "num_train_steps",
+    "resolve_sadt_config",
+    "run_keys",
+]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("exponential", "cosine", "constant")
@@ -109,3 +118,33 @@ def sadt_config_dict(cfg: SADTConfig) -> dict[str, Any]:
 
 def steps_to_epochs(steps: int, steps_per_epoch: int) -> int:
     return math.ceil(steps / steps_per_epoch)
+
+
+def run_keys(config: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(init_key, run_key, aug_key)`` of a run.
+
+    The initial weights depend on ``init_seed`` (default: ``seed``) only, never on
+    the method, so every method of one seed in a grid starts from the same weights.
+    """
+    init_seed = config.seed if config.get("init_seed") is None else config.init_seed
+    run_key, aug_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    return jax.random.PRNGKey(init_seed), run_key, aug_key
+
+
+def init_state(
+    config: Any,
+    model: Any,
+    image_shape: tuple[int, ...],
+    tx: optax.GradientTransformation,
+    sadt_config: SADTConfig,
+) -> TrainState:
+    """The run's initial :class:`TrainState` (call under ``jax.jit`` / ``jax.eval_shape``)."""
+    init_key, run_key, _ = run_keys(config)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        variables=variables,
+        tx=tx,
+        key=run_key,
+        ema_teacher=sadt_config.uses_ema,
+    )

@@ -42,6 +42,7 @@ Exit codes of the CLI (see ``sadt_jax.main``): 0 done, 2 bad config/data,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -59,7 +60,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sadt_jax
-from sadt_jax.algorithm.state import TrainState
 from sadt_jax.data import load_dataset, pipeline
 from sadt_jax.train import builders, steps, validation
 from sadt_jax.train.checkpointing import (
@@ -247,22 +247,9 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
     data_sharding = NamedSharding(mesh, P("data"))
     model = builders.build_model(config, ds.num_classes)
     tx = builders.build_optimizer(config, steps_per_epoch)
-    init_seed = config.seed if config.get("init_seed") is None else config.init_seed
-    init_key = jax.random.PRNGKey(init_seed)  # same initial weights for every method
-    run_key, aug_key = jax.random.split(jax.random.PRNGKey(config.seed))
-
-    def init_state():
-        dummy = jnp.zeros((1, *ds.image_shape), jnp.float32)
-        variables = model.init(init_key, dummy, train=False)
-        return TrainState.create(
-            apply_fn=model.apply,
-            variables=variables,
-            tx=tx,
-            key=run_key,
-            ema_teacher=sadt_config.uses_ema,
-        )
-
-    state = jax.jit(init_state, out_shardings=replicated)()
+    _, _, aug_key = builders.run_keys(config)
+    init_fn = functools.partial(builders.init_state, config, model, ds.image_shape, tx, sadt_config)
+    state = jax.jit(init_fn, out_shardings=replicated)()
     # jit, not device_put: a device_put of local arrays to a multi-process sharding
     # makes arrays that orbax cannot save.
     zero_sums = jax.jit(steps.init_metric_sums, out_shardings=replicated)
