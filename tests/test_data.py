@@ -236,7 +236,7 @@ def test_tfds_unprepared_fails_fast_without_download(tfds, tmp_path, monkeypatch
     assert time.monotonic() - start < 10
     message = str(e.value)
     assert "tfds build cifar10" in message and "download_and_prepare()" in message
-    assert "--config.data.tfds_data_dir" in message and str(tmp_path) in message
+    assert "--config.data.data_dir" in message and str(tmp_path) in message
     assert "\n" not in message
 
 

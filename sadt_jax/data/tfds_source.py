@@ -41,7 +41,7 @@ def _prepare_hint(name: str) -> str:
         f"`python -c 'import tensorflow_datasets as tfds; "
         f'tfds.builder("{name}").download_and_prepare()\'`, '
         "then copy its data_dir (default ~/tensorflow_datasets) here and set "
-        "--config.data.tfds_data_dir (or TFDS_DATA_DIR)"
+        "--config.data.data_dir (or TFDS_DATA_DIR)"
     )
 
 
