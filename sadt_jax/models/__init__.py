@@ -82,7 +82,11 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         parameters are always float32), ``bn_axis_name``, and model-specific ones,
         e.g. ``dropout_rate`` (all models except the ResNets),
         ``conv_dropout_rate`` (``vgg16_bn``), ``release_layout`` (``simple_cnn``),
-        ``residual_scale`` (``inception_resnet``), ``shortcut`` (ResNets).
+        ``residual_scale`` (``inception_resnet``), ``shortcut`` (ResNets);
+        ``conv_impl`` (every model: ``'auto'``, ``'xla'`` or ``'matmul'``) and
+        ``pool_impl`` (``simple_cnn``, ``vgg16_bn``: ``'auto'``, ``'xla'`` or
+        ``'reshape'``) choose CPU-friendly backward passes (``'auto'``: on the CPU
+        backend only; same values, see ``_layers``).
         Unknown keywords raise ``TypeError``.
 
     Returns:

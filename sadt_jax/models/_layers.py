@@ -10,15 +10,27 @@ that initialisers, dtypes and BatchNorm settings are the same everywhere:
   the computation dtype (e.g. ``jnp.bfloat16``);
 * BatchNorm uses Keras' defaults as in the release (``momentum=0.99``,
   ``epsilon=1e-3``), batch statistics in training mode and the running averages
-  (collection ``batch_stats``) otherwise.
+  (collection ``batch_stats``) otherwise;
+* convolutions take ``impl`` (the models' ``conv_impl``) and 2x2 max-pooling takes
+  ``impl`` (``pool_impl``): ``'auto'`` (default) picks implementations whose backward
+  pass is fast on XLA:CPU (:class:`MatmulConv`, a reshape-based pool) when
+  ``jax.default_backend() == 'cpu'`` and XLA's own elsewhere; ``'xla'`` forces
+  ``nn.Conv`` / ``nn.max_pool``. Forward values are identical; gradients agree to float
+  round-off (the conv kernel gradient sums in a different order) or exactly (pooling).
+  See ``results/conv_cpu.md``.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Dtype = Any
 
@@ -30,6 +42,247 @@ dense_init = nn.initializers.glorot_uniform()
 #: BatchNorm momentum and epsilon: Keras' defaults, as in the authors' release.
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
+
+
+# --- CPU-friendly convolution and max-pooling ---------------------------------------------
+#
+# On XLA:CPU (jaxlib 0.10.2) the forward convolution and its input gradient run at
+# GEMM speed, but the kernel gradient is lowered as a convolution whose "kernel" is the
+# whole output-gradient feature map, several times slower; the gradient of
+# ``reduce_window`` max (``select_and_scatter``) is slow as well. ``conv_impl='matmul'``
+# and ``pool_impl='reshape'`` replace only those backward computations; forward values
+# are computed by the same XLA operations as ``nn.Conv`` / ``nn.max_pool``.
+
+#: ``impl`` values accepted by :func:`conv` (``'auto'``: ``'matmul'`` on CPU, else ``'xla'``).
+CONV_IMPLS = ("auto", "xla", "matmul")
+#: ``impl`` values accepted by :func:`max_pool_2x2` (``'auto'``: ``'reshape'`` on CPU).
+POOL_IMPLS = ("auto", "xla", "reshape")
+
+#: Target size in bytes of one batch chunk of im2col patches in the matmul kernel
+#: gradient: small enough to stay in cache, large enough for efficient GEMMs.
+CONV_CHUNK_BYTES = 4 * 2**20
+
+_NHWC_SPEC = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_impl(impl: str, fast: str, valid: tuple[str, ...]) -> str:
+    """Maps ``'auto'`` to ``fast`` on the CPU backend and to ``'xla'`` elsewhere."""
+    if impl not in valid:
+        raise ValueError(f"impl must be one of {valid}, got {impl!r}")
+    if impl == "auto":
+        return fast if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _conv_pads(
+    spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], padding: Any
+) -> tuple[tuple[int, int], ...]:
+    """Explicit non-negative (low, high) pads, or ValueError if unsupported."""
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"matmul conv supports 'SAME'/'VALID' padding, got {padding!r}")
+        pads = lax.padtype_to_pads(spatial, kernel, strides, padding)
+    else:
+        pads = [tuple(int(v) for v in p) for p in padding]
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if len(pads) != len(spatial) or any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise ValueError(f"matmul conv needs non-negative padding per spatial dim, got {padding}")
+    return pads
+
+
+def _patches_t(x, kernel_hw, strides, pads, out_hw):
+    """im2col, transposed: ``(kh*kw*C, b*Ho*Wo)``, rows ordered (i, j, c) like HWIO."""
+    b, _, _, c = x.shape
+    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            cols.append(jnp.transpose(window, (3, 0, 1, 2)))  # (C, b, Ho, Wo)
+    return jnp.stack(cols, 0).reshape(kh * kw * c, b * ho * wo)
+
+
+def _conv_linear_in_kernel(x, kernel, strides, pads, precision):
+    """``conv(x, kernel)`` as batch-chunked im2col matmuls (linear in ``kernel``).
+
+    Used only for the kernel tangent in :func:`conv2d_matmul`'s JVP: JAX transposes it
+    into ``dW = sum over chunks of patches(x_chunk) @ dy_chunk``, one GEMM per chunk of
+    about :data:`CONV_CHUNK_BYTES` of patches, accumulated in (at least) float32.
+    ``jax.checkpoint`` keeps the patches out of the residuals (they are rebuilt per chunk
+    in the backward pass).
+    """
+    batch, height, width, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    (lo_h, hi_h), (lo_w, hi_w) = pads
+    ho = (height + lo_h + hi_h - kh) // strides[0] + 1
+    wo = (width + lo_w + hi_w - kw) // strides[1] + 1
+    acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    km = kernel.reshape(kh * kw * cin, cout).astype(acc_dtype)
+
+    @jax.checkpoint
+    def chunk(xc, km):
+        pt = _patches_t(xc.astype(acc_dtype), (kh, kw), strides, pads, (ho, wo))
+        y = jnp.matmul(pt.T, km, precision=precision)
+        return y.reshape(xc.shape[0], ho, wo, cout)
+
+    per_image = ho * wo * kh * kw * cin * jnp.dtype(acc_dtype).itemsize
+    size = int(max(1, min(batch, CONV_CHUNK_BYTES // max(per_image, 1))))
+    n_full, rest = divmod(batch, size)
+    parts = []
+    if n_full == 1:
+        parts.append(chunk(x[:size], km))
+    elif n_full > 1:
+        xs = x[: n_full * size].reshape(n_full, size, height, width, cin)
+        ys = lax.map(lambda xc: chunk(xc, km), xs)
+        parts.append(ys.reshape(n_full * size, ho, wo, cout))
+    if rest:
+        parts.append(chunk(x[n_full * size :], km))
+    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return y.astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv2d_matmul(x, kernel, strides, pads, precision):
+    return lax.conv_general_dilated(
+        x, kernel, strides, pads, dimension_numbers=_NHWC_SPEC, precision=precision
+    )
+
+
+@functools.partial(_conv2d_matmul.defjvp, symbolic_zeros=True)
+def _conv2d_matmul_jvp(strides, pads, precision, primals, tangents):
+    x, kernel = primals
+    x_dot, kernel_dot = tangents
+    y = _conv2d_matmul(x, kernel, strides, pads, precision)
+    terms = []
+    if not isinstance(x_dot, SymbolicZero):
+        # Linear in x_dot: transposes to XLA's (fast) input-gradient convolution.
+        terms.append(
+            lax.conv_general_dilated(
+                x_dot, kernel, strides, pads, dimension_numbers=_NHWC_SPEC, precision=precision
+            )
+        )
+    if not isinstance(kernel_dot, SymbolicZero):
+        terms.append(_conv_linear_in_kernel(x, kernel_dot, strides, pads, precision))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, functools.reduce(jnp.add, terms)
+
+
+def conv2d_matmul(
+    x: jnp.ndarray,
+    kernel: jnp.ndarray,
+    strides: Sequence[int] = (1, 1),
+    padding: Any = "SAME",
+    precision: Any = None,
+) -> jnp.ndarray:
+    """2D NHWC/HWIO convolution whose kernel gradient is computed by matmuls.
+
+    The value is ``lax.conv_general_dilated(x, kernel, strides, padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))``, computed by that very operation. The
+    derivative is defined by a ``jax.custom_jvp`` (so reverse mode, forward mode and
+    forward-over-reverse Hessian-vector products all work): the input part is XLA's own
+    convolution JVP, the kernel part is an im2col matmul over batch chunks that JAX
+    transposes, in reverse mode, into ``dW[i, j] = sum_b,h,w x_pad[b, h*s+i, w*s+j, :]^T
+    dy[b, h, w, :]``: one ``(kh*kw*C, n) @ (n, D)`` GEMM per chunk instead of XLA:CPU's
+    slow whole-feature-map convolution.
+
+    Args:
+      x: ``(batch, height, width, in_features)``.
+      kernel: ``(kh, kw, in_features, out_features)``; same dtype as ``x``.
+      strides: window strides (an int or a pair).
+      padding: ``'SAME'``, ``'VALID'`` or a sequence of two non-negative (low, high)
+        pairs.
+      precision: ``lax.Precision`` for the convolution and the matmuls.
+
+    Returns:
+      ``(batch, out_height, out_width, out_features)`` in ``x.dtype``.
+
+    Raises:
+      ValueError: for unsupported settings (not 2D NHWC, grouped convolution,
+        negative or unknown padding, mismatched dtypes); ``MatmulConv`` falls back to
+        ``lax.conv_general_dilated`` in those cases instead.
+    """
+    if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+        raise ValueError(
+            f"matmul conv needs NHWC x and HWIO kernel with matching channels "
+            f"(no feature groups), got {x.shape} and {kernel.shape}"
+        )
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"matmul conv needs equal dtypes, got {x.dtype} and {kernel.dtype}")
+    strides = (strides, strides) if isinstance(strides, int) else tuple(int(s) for s in strides)
+    if len(strides) != 2 or min(strides) < 1:
+        raise ValueError(f"strides must be two positive ints, got {strides}")
+    pads = _conv_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    return _conv2d_matmul(x, kernel, strides, pads, precision)
+
+
+def conv_general_dilated_matmul(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """``lax.conv_general_dilated`` with :func:`conv2d_matmul`'s gradient where supported.
+
+    Supported: 2D NHWC/HWIO, no input or kernel dilation, one feature and batch group,
+    'SAME'/'VALID'/explicit non-negative padding, equal input dtypes, no
+    ``preferred_element_type``. Anything else is passed to ``lax.conv_general_dilated``
+    unchanged (so values and gradients are XLA's).
+    """
+    kwargs = dict(
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    supported = (
+        lhs.ndim == 4
+        and rhs.ndim == 4
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and lhs.dtype == rhs.dtype
+        and dimension_numbers is not None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_SPEC)
+    )
+    if supported:
+        try:
+            return conv2d_matmul(lhs, rhs, window_strides, padding, precision)
+        except ValueError:
+            pass
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+class MatmulConv(nn.Conv):
+    """``nn.Conv`` whose kernel gradient is computed by matmuls (see :func:`conv2d_matmul`).
+
+    A drop-in subclass: same attributes, parameters (``kernel``, ``bias``), initialisers,
+    dtype promotion and forward values as ``nn.Conv``; settings the matmul path does not
+    support fall back to ``lax.conv_general_dilated``.
+    """
+
+    conv_general_dilated: Any = conv_general_dilated_matmul
 
 
 def batch_norm(
@@ -70,31 +323,38 @@ def conv(
     kernel_size: int | tuple[int, int] = 3,
     *,
     strides: int = 1,
+    padding: str = "SAME",
     use_bias: bool = False,
     dtype: Dtype,
+    impl: str = "auto",
     name: str | None = None,
 ) -> nn.Conv:
-    """Returns a 'SAME'-padded 2D convolution with He-normal kernels.
+    """Returns a 2D convolution with He-normal kernels ('SAME' padding by default).
 
     Args:
       features: number of output channels.
       kernel_size: an int (square kernel) or a (height, width) pair.
       strides: spatial stride.
+      padding: ``'SAME'`` or ``'VALID'``.
       use_bias: whether to add a bias (off by default: most convolutions are
         followed by BatchNorm, which makes a bias redundant).
       dtype: computation dtype (parameters stay float32).
+      impl: ``'xla'`` (``nn.Conv``), ``'matmul'`` (:class:`MatmulConv`: same
+        parameters and forward values, kernel gradient by matmuls) or ``'auto'``
+        (``'matmul'`` on the CPU backend, ``'xla'`` elsewhere).
       name: submodule name.
 
     Returns:
-      An ``nn.Conv``.
+      An ``nn.Conv`` (or its subclass :class:`MatmulConv`).
     """
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size, kernel_size)
-    return nn.Conv(
+    cls = MatmulConv if resolve_impl(impl, "matmul", CONV_IMPLS) == "matmul" else nn.Conv
+    return cls(
         features,
         kernel_size,
         strides=strides,
-        padding="SAME",
+        padding=padding,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -131,6 +391,7 @@ class ConvBN(nn.Module):
       relu: apply a ReLU after the BatchNorm.
       dtype: computation dtype.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation, see :func:`conv`.
     """
 
     features: int
@@ -139,19 +400,89 @@ class ConvBN(nn.Module):
     relu: bool = True
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = conv(
-            self.features, self.kernel_size, strides=self.strides, dtype=self.dtype, name="conv"
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            dtype=self.dtype,
+            impl=self.conv_impl,
+            name="conv",
         )(x)
         x = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name, name="bn")(x)
         return nn.relu(x) if self.relu else x
 
 
-def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-    """2x2 max-pooling with stride 2 and 'SAME' padding (odd sizes round up)."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+def _pool_windows(x, pad_value, padding):
+    """``(b, h/2, 2, w/2, 2, c)`` view of ``x`` after 'SAME' padding or 'VALID' cropping."""
+    _, height, width, _ = x.shape
+    if padding == "SAME":
+        ph, pw = height % 2, width % 2
+        if ph or pw:
+            x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=pad_value)
+    else:
+        x = x[:, : height - height % 2, : width - width % 2, :]
+    b, hp, wp, c = x.shape
+    return x.reshape(b, hp // 2, 2, wp // 2, 2, c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool_2x2_reshape(x, padding):
+    return jnp.max(_pool_windows(x, -jnp.inf, padding), axis=(2, 4))
+
+
+@_max_pool_2x2_reshape.defjvp
+def _max_pool_2x2_reshape_jvp(padding, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    # The barrier makes XLA materialise the input once: otherwise it may recompute a fused
+    # producer (e.g. BatchNorm) separately for the maximum and for the comparisons below,
+    # with different rounding, and route a derivative to no element or to two.
+    xr = _pool_windows(lax.optimization_barrier(x), -jnp.inf, padding)
+    e00, e01, e10, e11 = xr[:, :, 0, :, 0], xr[:, :, 0, :, 1], xr[:, :, 1, :, 0], xr[:, :, 1, :, 1]
+    # Index of the first maximum in row-major window order (padding, -inf, never wins),
+    # where XLA's select_and_scatter (the gradient of nn.max_pool) routes the derivative.
+    top, bottom = jnp.maximum(e00, e01), jnp.maximum(e10, e11)
+    first = jnp.where(bottom > top, jnp.where(e11 > e10, 3, 2), jnp.where(e01 > e00, 1, 0)).astype(
+        jnp.int8
+    )
+    y = jnp.maximum(top, bottom)
+    one_hot = first[:, :, None, :, None, :] == jnp.array([[0, 1], [2, 3]], jnp.int8).reshape(
+        1, 1, 2, 1, 2, 1
+    )
+    y_dot = jnp.sum(jnp.where(one_hot, _pool_windows(x_dot, 0, padding), 0), axis=(2, 4))
+    return y, y_dot
+
+
+def max_pool_2x2(x: jnp.ndarray, impl: str = "auto", padding: str = "SAME") -> jnp.ndarray:
+    """2x2 max-pooling with stride 2 ('SAME' padding: odd sizes round up).
+
+    Args:
+      x: ``(..., height, width, features)``.
+      impl: ``'xla'`` (``nn.max_pool``), ``'reshape'`` or ``'auto'`` (``'reshape'`` on
+        the CPU backend, ``'xla'`` elsewhere). ``'reshape'`` takes the maximum of the
+        four elements of each window after a reshape and routes the derivative to the
+        first maximum in row-major window order, which is where XLA's
+        ``select_and_scatter`` sends it: values and gradients equal ``nn.max_pool``'s,
+        ties included (for NaN-free inputs; the sign of a zero maximum may differ), while
+        the backward pass is one fused elementwise select instead of XLA:CPU's slow
+        ``select_and_scatter``.
+      padding: ``'SAME'`` (pad odd sizes with -inf) or ``'VALID'`` (drop the last odd
+        row / column), as in ``nn.max_pool``.
+
+    Returns:
+      ``(..., height / 2, width / 2, features)``, rounded up ('SAME') or down ('VALID').
+    """
+    impl = resolve_impl(impl, "reshape", POOL_IMPLS)
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+    if impl == "xla" or x.ndim < 3 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
+    lead = x.shape[:-3]
+    y = _max_pool_2x2_reshape(x.reshape((-1,) + x.shape[-3:]), padding)
+    return y.reshape(lead + y.shape[1:])
 
 
 def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:

@@ -65,6 +65,7 @@ def _concat_branches(
     train: bool,
     dtype: Dtype,
     bn_axis_name: str | None,
+    conv_impl: str,
 ) -> jnp.ndarray:
     """Runs parallel conv branches and concatenates them on the channel axis.
 
@@ -84,6 +85,7 @@ def _concat_branches(
                 strides=strides if j == len(branch) else 1,
                 dtype=dtype,
                 bn_axis_name=bn_axis_name,
+                conv_impl=conv_impl,
                 name=f"branch{i}_conv{j}",
             )(y, train)
         outputs.append(y)
@@ -97,11 +99,13 @@ class Reduction(nn.Module):
       branches: the conv branches (their last convolution has stride 2).
       dtype: computation dtype.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation (see ``_layers.conv``).
     """
 
     branches: Sequence[Branch]
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -112,6 +116,7 @@ class Reduction(nn.Module):
             train=train,
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            conv_impl=self.conv_impl,
         )
 
 
@@ -123,12 +128,14 @@ class InceptionResNetBlock(nn.Module):
       residual_scale: factor on the residual before the addition.
       dtype: computation dtype.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation (see ``_layers.conv``).
     """
 
     branches: Sequence[Branch]
     residual_scale: float = 0.2
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -139,8 +146,11 @@ class InceptionResNetBlock(nn.Module):
             train=train,
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            conv_impl=self.conv_impl,
         )
-        y = _layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="up")(y)
+        y = _layers.conv(
+            x.shape[-1], 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name="up"
+        )(y)
         return nn.relu(x + self.residual_scale * y)
 
 
@@ -154,6 +164,8 @@ class InceptionResNet(nn.Module):
       dropout_rate: dropout before the output layer.
       dtype: computation dtype; parameters are float32.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
     """
 
     num_classes: int
@@ -162,6 +174,7 @@ class InceptionResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -175,7 +188,7 @@ class InceptionResNet(nn.Module):
         Returns:
           Logits in ``dtype``.
         """
-        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl)
         x = jnp.asarray(x, self.dtype)
         for i, features in enumerate((32, 64, 128), start=1):
             x = ConvBN(features, 3, name=f"stem{i}", **kw)(x, train)

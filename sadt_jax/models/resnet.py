@@ -42,6 +42,7 @@ class BasicBlock(nn.Module):
         (1x1 convolution + BatchNorm) where the shape changes; identity otherwise.
       dtype: computation dtype.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation (see ``_layers.conv``).
     """
 
     features: int
@@ -49,6 +50,7 @@ class BasicBlock(nn.Module):
     shortcut: str = "B"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -57,9 +59,10 @@ class BasicBlock(nn.Module):
                 train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
             )
 
-        y = _layers.conv(self.features, 3, strides=self.strides, dtype=self.dtype, name="conv1")(x)
+        conv = functools.partial(_layers.conv, dtype=self.dtype, impl=self.conv_impl)
+        y = conv(self.features, 3, strides=self.strides, name="conv1")(x)
         y = nn.relu(bn("bn1")(y))
-        y = _layers.conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.features, 3, name="conv2")(y)
         y = bn("bn2")(y)
 
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -68,9 +71,7 @@ class BasicBlock(nn.Module):
                 extra = self.features - x.shape[-1]
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
             elif self.shortcut == "B":
-                x = _layers.conv(
-                    self.features, 1, strides=self.strides, dtype=self.dtype, name="shortcut_conv"
-                )(x)
+                x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(x)
                 x = bn("shortcut_bn")(x)
             else:
                 raise ValueError(f"shortcut must be 'A' or 'B', got {self.shortcut!r}")
@@ -87,6 +88,8 @@ class ResNet(nn.Module):
       shortcut: 'A' or 'B', see :class:`BasicBlock`.
       dtype: computation dtype; parameters are float32.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
     """
 
     num_classes: int
@@ -95,6 +98,7 @@ class ResNet(nn.Module):
     shortcut: str = "B"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -109,7 +113,9 @@ class ResNet(nn.Module):
           Logits in ``dtype``.
         """
         x = jnp.asarray(x, self.dtype)
-        x = _layers.conv(self.widths[0], 3, dtype=self.dtype, name="stem_conv")(x)
+        x = _layers.conv(
+            self.widths[0], 3, dtype=self.dtype, impl=self.conv_impl, name="stem_conv"
+        )(x)
         x = _layers.batch_norm(
             train, dtype=self.dtype, axis_name=self.bn_axis_name, name="stem_bn"
         )(x)
@@ -124,6 +130,7 @@ class ResNet(nn.Module):
                     shortcut=self.shortcut,
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
+                    conv_impl=self.conv_impl,
                     name=f"stage{s}_block{b}",
                 )(x, train)
         x = _layers.global_avg_pool(x)

@@ -55,6 +55,11 @@ class SimpleCNN(nn.Module):
       release_layout: reproduce the authors' Keras model exactly.
       dtype: computation dtype; parameters are float32.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
+        ``_layers.max_pool_2x2``).
     """
 
     num_classes: int
@@ -62,6 +67,8 @@ class SimpleCNN(nn.Module):
     release_layout: bool = False
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -85,9 +92,11 @@ class SimpleCNN(nn.Module):
             )
 
         for i in (1, 2, 3):
-            x = _layers.conv(64, 3, use_bias=True, dtype=self.dtype, name=f"conv{i}")(x)
+            x = _layers.conv(
+                64, 3, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}"
+            )(x)
             x = bn(f"bn{i}")(nn.relu(x))
-            x = _layers.max_pool_2x2(x)
+            x = _layers.max_pool_2x2(x, self.pool_impl)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_layers.dense(512, dtype=self.dtype, name="dense1")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -102,18 +111,18 @@ class SimpleCNN(nn.Module):
             )
 
         def conv(name):
-            return nn.Conv(
+            return _layers.conv(
                 64,
-                (3, 3),
+                3,
                 padding="VALID",
+                use_bias=True,
                 dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=_layers.conv_init,
+                impl=self.conv_impl,
                 name=name,
             )
 
         def pool(y):
-            return nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+            return _layers.max_pool_2x2(y, self.pool_impl, padding="VALID")
 
         x = bn("bn1")(pool(nn.relu(conv("conv1")(x))))
         x = bn("bn2")(pool(nn.relu(conv("conv2")(x))))

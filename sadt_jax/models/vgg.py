@@ -48,6 +48,11 @@ class VGG16BN(nn.Module):
       conv_dropout_rate: dropout after each conv block unit (release: 0.1).
       dtype: computation dtype; parameters are float32.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
+        ``_layers.max_pool_2x2``).
     """
 
     num_classes: int
@@ -55,6 +60,8 @@ class VGG16BN(nn.Module):
     conv_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -77,10 +84,12 @@ class VGG16BN(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for b, widths in enumerate(VGG16_BLOCKS, start=1):
             for i, width in enumerate(widths, start=1):
-                x = _layers.conv(width, 3, dtype=self.dtype, name=f"block{b}_conv{i}")(x)
+                x = _layers.conv(
+                    width, 3, dtype=self.dtype, impl=self.conv_impl, name=f"block{b}_conv{i}"
+                )(x)
                 x = nn.relu(bn(f"block{b}_bn{i}")(x))
                 x = nn.Dropout(self.conv_dropout_rate, deterministic=not train)(x)
-            x = _layers.max_pool_2x2(x)
+            x = _layers.max_pool_2x2(x, self.pool_impl)
         x = _layers.global_avg_pool(x)
         for i in (1, 2):
             x = _layers.dense(512, dtype=self.dtype, name=f"dense{i}")(x)

@@ -16,6 +16,8 @@ Parameter paths: ``stem_conv``, ``stage{s}_block{b}/{bn1,conv1,bn2,conv2,shortcu
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -36,6 +38,7 @@ class WideBasicBlock(nn.Module):
       dropout_rate: dropout between the two convolutions.
       dtype: computation dtype.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation (see ``_layers.conv``).
     """
 
     features: int
@@ -43,6 +46,7 @@ class WideBasicBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -51,16 +55,15 @@ class WideBasicBlock(nn.Module):
                 train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
             )
 
+        conv = functools.partial(_layers.conv, dtype=self.dtype, impl=self.conv_impl)
         project = self.strides != 1 or x.shape[-1] != self.features
         h = nn.relu(bn("bn1")(x))
         if project:
-            x = _layers.conv(
-                self.features, 1, strides=self.strides, dtype=self.dtype, name="shortcut_conv"
-            )(h)
-        y = _layers.conv(self.features, 3, strides=self.strides, dtype=self.dtype, name="conv1")(h)
+            x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(h)
+        y = conv(self.features, 3, strides=self.strides, name="conv1")(h)
         y = nn.relu(bn("bn2")(y))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = _layers.conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.features, 3, name="conv2")(y)
         return x + y
 
 
@@ -75,6 +78,8 @@ class WideResNet(nn.Module):
         some runs); default 0.0.
       dtype: computation dtype; parameters are float32.
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
+        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
     """
 
     num_classes: int
@@ -83,6 +88,7 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -102,7 +108,7 @@ class WideResNet(nn.Module):
         widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
 
         x = jnp.asarray(x, self.dtype)
-        x = _layers.conv(16, 3, dtype=self.dtype, name="stem_conv")(x)
+        x = _layers.conv(16, 3, dtype=self.dtype, impl=self.conv_impl, name="stem_conv")(x)
         for s, width in enumerate(widths, start=1):
             for b in range(1, blocks_per_stage + 1):
                 x = WideBasicBlock(
@@ -111,6 +117,7 @@ class WideResNet(nn.Module):
                     dropout_rate=self.dropout_rate,
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
+                    conv_impl=self.conv_impl,
                     name=f"stage{s}_block{b}",
                 )(x, train)
         x = _layers.batch_norm(
