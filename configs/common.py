@@ -81,6 +81,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     config.model.name = "simple_cnn"
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.dropout_rate = placeholder(float)  # None = the model's default
+    config.model.pool = placeholder(str)  # simple_cnn only: "max" (default) or "avg"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.optimizer = "adam"  # "adam" | "sgd"

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10, fashion_mnist
@@ -102,6 +105,12 @@ _DEVICES_SCRIPT = textwrap.dedent(
     c = fashion_mnist.get_config(method)
     c.num_steps = 3; c.batch_size = 64; c.eval_batch_size = 200; c.log_every_steps = 1
     c.data.max_train_examples = 256; c.data.num_validation = 200
+    # SGD, not Adam: Adam divides by sqrt(v), which turns float round-off in near-zero
+    # gradients into lr-sized differences; sharding equivalence is what is tested here.
+    c.optim.optimizer = "sgd"; c.optim.learning_rate = 0.01
+    # Average pooling: with max-pooling, a near-tie (values 1e-7 apart after BatchNorm, whose
+    # sums run in another order when sharded) sends a whole gradient entry elsewhere.
+    c.model.pool = "avg"
     train_and_evaluate(c, workdir)
     step = max(int(d) for d in __import__("os").listdir(workdir + "/checkpoints") if d.isdigit())
     tree = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/{step}/state")
@@ -118,19 +127,59 @@ def test_eight_devices_train_like_one(tmp_path, method):
     outs = {}
     for n in (1, 8):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        workdir = str(tmp_path / f"d{n}")
-        proc = subprocess.run(
-            [sys.executable, "-c", _DEVICES_SCRIPT, workdir, method],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        # Simulated CPU devices can deadlock in a collective's rendezvous on 2 cores (seen
+        # with jaxlib 0.10.2) unless dispatch is synchronous and Eigen single-threaded;
+        # sadt_jax.main applies the same two settings when it sees simulated devices.
+        env["XLA_FLAGS"] = (
+            f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
         )
+        env["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "false"
+        workdir = str(tmp_path / f"d{n}")
+        for _attempt in range(3):
+            shutil.rmtree(workdir, ignore_errors=True)
+            proc = subprocess.run(
+                [sys.executable, "-c", _DEVICES_SCRIPT, workdir, method],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            # XLA:CPU aborts (SIGABRT) when a simulated device's thread never reaches a
+            # collective's rendezvous, a scheduling deadlock of jaxlib 0.10.2 on few cores;
+            # it is not a result of this code, so that one failure mode is retried.
+            if not (proc.returncode == -6 and "rendezvous" in proc.stderr):
+                break
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1])["devices"] == n
         outs[n] = dict(np.load(os.path.join(workdir, "params.npz")))
     assert outs[1].keys() == outs[8].keys()
     for k in outs[1]:
         np.testing.assert_allclose(outs[8][k], outs[1][k], atol=1e-5, rtol=0, err_msg=k)
+
+
+@needs_fmnist
+def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
+    config = tiny(fashion_mnist.get_config("sadt_t1"), steps=3)
+    config.model.dtype = "bfloat16"
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(read_jsonl(tmp_path / "metrics.jsonl")[0]["train_loss"])
+    assert summary["config"]["model"]["dtype"] == "bfloat16"
+    tree = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / "3" / "state"))
+    dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(tree["state"]["params"])}
+    assert dtypes == {np.dtype("float32")}
+
+
+@needs_fmnist
+def test_teacher_every_k_steps_mixes_base_and_teacher_steps(tmp_path):
+    config = tiny(fashion_mnist.get_config("sadt_t1"), steps=4)
+    config.teacher_every = 2  # steps 0 and 2 sample teachers; 1 and 3 are plain base steps
+    train_and_evaluate(config, str(tmp_path))
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    every = tmp_path / "every1"
+    config.teacher_every = 1
+    train_and_evaluate(config, str(every))
+    full = read_jsonl(every / "metrics.jsonl")[0]
+    # Half the steps have no teacher: the mean perturbation norm is about half of the full run's.
+    assert 0.3 * full["train_perturbation_norm"] < row["train_perturbation_norm"]
+    assert row["train_perturbation_norm"] < 0.7 * full["train_perturbation_norm"]

@@ -57,6 +57,9 @@ class SimpleCNN(nn.Module):
       bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
       conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
         CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      pool: ``'max'`` (the paper's 2x2 max-pooling) or ``'avg'`` (2x2 average pooling:
+        smooth, so results do not hinge on near-ties between pooled values — used where two
+        mathematically equal computations are compared, e.g. 1 vs 8 devices).
       pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
         CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
         ``_layers.max_pool_2x2``).
@@ -68,6 +71,7 @@ class SimpleCNN(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     conv_impl: str = "auto"
+    pool: str = "max"
     pool_impl: str = "auto"
 
     @nn.compact
@@ -96,13 +100,20 @@ class SimpleCNN(nn.Module):
                 64, 3, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}"
             )(x)
             x = bn(f"bn{i}")(nn.relu(x))
-            x = _layers.max_pool_2x2(x, self.pool_impl)
+            x = self._pool(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_layers.dense(512, dtype=self.dtype, name="dense1")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.relu(_layers.dense(64, dtype=self.dtype, name="dense2")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+    def _pool(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.pool == "avg":
+            return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        if self.pool != "max":
+            raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
+        return _layers.max_pool_2x2(x, self.pool_impl)
 
     def _release(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         def bn(name):

@@ -101,8 +101,9 @@ def build_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransfor
 def build_model(config: Any, num_classes: int):
     """The flax module named by ``config.model``."""
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.model.dtype]}
-    if config.model.get("dropout_rate") is not None:
-        kwargs["dropout_rate"] = config.model.dropout_rate
+    for field in ("dropout_rate", "pool"):
+        if config.model.get(field) is not None:
+            kwargs[field] = config.model[field]
     return models.get_model(config.model.name, num_classes, **kwargs)
 
 

@@ -106,6 +106,8 @@ def validate_config(config: Any) -> None:
         errors.append(_model_options_error(config))
     errors.append(_dataset_error(config.data.name))
     errors.append(_choices(config.model.dtype, DTYPES, "model.dtype"))
+    if config.model.get("pool") is not None:
+        errors.append(_choices(config.model.pool, ("max", "avg"), "model.pool"))
     errors.append(_choices(config.data.augment, AUGMENTS, "data.augment"))
     errors.append(_choices(config.optim.optimizer, OPTIMIZERS, "optim.optimizer"))
     errors.append(_choices(config.optim.schedule, SCHEDULES, "optim.schedule"))
@@ -233,6 +235,8 @@ def guard_workdir(config: Any, workdir: str, *, allow_change: bool = False) -> N
         old = _flatten(json.load(f))
     new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
     old = json.loads(json.dumps(old, default=str))
+    # A key absent on one side counts as None: a field added to the configs later, left at
+    # its None default, does not change the run.
     diff = sorted(
         k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
