@@ -147,10 +147,12 @@ def test_conv_under_vmap_per_example_gradients():
     _tree_close(per_group_grads(fast), per_group_grads(ref))
 
 
-def test_conv_large_reduction_uses_several_chunks(monkeypatch):
-    # Force several batch chunks plus a remainder chunk in the kernel gradient.
+@pytest.mark.parametrize("batch", [12, 11], ids=["4_chunks", "3_chunks_and_remainder"])
+def test_conv_kernel_gradient_in_several_chunks(monkeypatch, batch):
+    # Patches of 3 images per chunk: 12 = 4 x 3; 11 = 3 x 3 + 2 (no divisor near 3).
     monkeypatch.setattr(_layers, "CONV_CHUNK_BYTES", 3 * 8 * 8 * 9 * 4 * 4)
-    x, k, dy = _rand((11, 8, 8, 4), 0), _rand((3, 3, 4, 5), 1), _rand((11, 8, 8, 5), 2)
+    assert _layers._chunk_size(batch, 8 * 8 * 9 * 4 * 4) == 3
+    x, k, dy = _rand((batch, 8, 8, 4), 0), _rand((3, 3, 4, 5), 1), _rand((batch, 8, 8, 5), 2)
 
     def grads(conv):
         return jax.jit(jax.vjp(conv, x, k)[1])(dy)

@@ -59,8 +59,9 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 POOL_IMPLS = ("auto", "xla", "reshape")
 
 #: Target size in bytes of one batch chunk of im2col patches in the matmul kernel
-#: gradient: small enough to stay in cache, large enough for efficient GEMMs.
-CONV_CHUNK_BYTES = 4 * 2**20
+#: gradient: small enough to stay in cache. Chunks of 0.1-2 MiB were fastest for every
+#: layer measured (results/conv_cpu.md); whole-batch patches are up to 2x slower.
+CONV_CHUNK_BYTES = 2**20
 
 _NHWC_SPEC = ("NHWC", "HWIO", "NHWC")
 
@@ -108,6 +109,18 @@ def _patches_t(x, kernel_hw, strides, pads, out_hw):
     return jnp.stack(cols, 0).reshape(kh * kw * c, b * ho * wo)
 
 
+def _chunk_size(batch: int, bytes_per_image: int) -> int:
+    """Images per chunk: about CONV_CHUNK_BYTES of patches, a divisor of the batch if possible.
+
+    A remainder chunk costs far more than its size (the batch is sliced and copied), so
+    the largest divisor of ``batch`` not above the target is used unless it is below half
+    the target (e.g. a prime batch size).
+    """
+    target = int(max(1, min(batch, CONV_CHUNK_BYTES // max(bytes_per_image, 1))))
+    size = max(d for d in range(1, target + 1) if batch % d == 0)
+    return size if 2 * size >= target else target
+
+
 def _conv_linear_in_kernel(x, kernel, strides, pads, precision):
     """``conv(x, kernel)`` as batch-chunked im2col matmuls (linear in ``kernel``).
 
@@ -131,8 +144,7 @@ def _conv_linear_in_kernel(x, kernel, strides, pads, precision):
         y = jnp.matmul(pt.T, km, precision=precision)
         return y.reshape(xc.shape[0], ho, wo, cout)
 
-    per_image = ho * wo * kh * kw * cin * jnp.dtype(acc_dtype).itemsize
-    size = int(max(1, min(batch, CONV_CHUNK_BYTES // max(per_image, 1))))
+    size = _chunk_size(batch, ho * wo * kh * kw * cin * jnp.dtype(acc_dtype).itemsize)
     n_full, rest = divmod(batch, size)
     parts = []
     if n_full == 1:
