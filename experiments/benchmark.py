@@ -97,6 +97,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--methods", default=",".join(DEFAULT_METHODS), help="Comma-separated method names."
     )
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument(
+        "--conv_impl",
+        choices=("auto", "xla", "matmul"),
+        default="auto",
+        help="Model conv_impl ('auto': matmul kernel gradient on CPU, XLA's elsewhere).",
+    )
+    p.add_argument(
+        "--pool_impl",
+        choices=("auto", "xla", "reshape"),
+        default="auto",
+        help="Model pool_impl (simple_cnn, vgg16_bn; passed only when not 'auto').",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Write the results as JSON to this path.")
     p.add_argument(
@@ -238,7 +250,10 @@ def _round_robin(runners: Sequence[_Runner], steps: int, repeats: int) -> None:
 
 
 def _setup(args):
-    model = get_model(args.model, args.num_classes, dtype=_DTYPES[args.dtype])
+    impls = {"conv_impl": args.conv_impl}
+    if args.pool_impl != "auto":
+        impls["pool_impl"] = args.pool_impl
+    model = get_model(args.model, args.num_classes, dtype=_DTYPES[args.dtype], **impls)
     k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
     images = jax.random.normal(k_x, (args.batch_size, *args.shape), jnp.float32)
     labels = jax.random.randint(k_y, (args.batch_size,), 0, args.num_classes)
@@ -439,6 +454,8 @@ def _meta(args, argv, peak_source) -> dict[str, Any]:
             "num_classes": args.num_classes,
             "batch_size": args.batch_size,
             "dtype": args.dtype,
+            "conv_impl": args.conv_impl,
+            "pool_impl": args.pool_impl,
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
