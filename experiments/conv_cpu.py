@@ -1,9 +1,10 @@
 r"""CPU timings of ``conv_impl`` ('xla' vs 'matmul') and ``pool_impl`` ('xla' vs 'reshape').
 
 All variants of a table run in one process, interleaved round-robin (one call of each
-variant per round, ``--repeats`` rounds after ``--warmup`` untimed calls), so machine
-drift on a shared CPU hits them alike; the tables report the median (and min) wall time
-with ``block_until_ready`` and XLA's static temp memory (``memory_analysis()``).
+variant per round, starting one variant later each round; ``--repeats`` rounds after
+``--warmup`` untimed calls), so machine drift on a shared CPU hits them alike; the tables
+report the median (and min) wall time with ``block_until_ready`` and XLA's static temp
+memory (``memory_analysis()``).
 
 Parts (``--parts``, comma-separated):
 
@@ -60,8 +61,10 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for f in fns.values():
             jax.block_until_ready(f())
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate the order
+            f = fns[k]
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(1e3 * (time.perf_counter() - t0))

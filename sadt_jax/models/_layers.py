@@ -443,7 +443,8 @@ def _pool_windows(x, pad_value, padding):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_pool_2x2_reshape(x, padding):
-    return jnp.max(_pool_windows(x, -jnp.inf, padding), axis=(2, 4))
+    # Undifferentiated (e.g. evaluation): XLA's reduce_window, as nn.max_pool.
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
 
 
 @_max_pool_2x2_reshape.defjvp
