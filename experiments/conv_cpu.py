@@ -15,7 +15,13 @@ Parts (``--parts``, comma-separated):
   ``jax.value_and_grad`` over the parameters) at ``--batch_size`` on 28x28x1, for every
   (conv_impl, pool_impl) pair, and the largest gradient difference to ('xla', 'xla');
 * ``chunks``: the same model step with conv 'matmul' for several
-  ``_layers.CONV_CHUNK_BYTES`` (batch-chunk size of the im2col kernel gradient).
+  ``_layers.CONV_CHUNK_BYTES`` (batch-chunk size of the im2col kernel gradient);
+* ``steps``: parameters after ``--train_steps`` real training steps (``sadt_update`` with
+  Adam, experiments/benchmark.py's setup) of each of ``--methods``, per implementation
+  pair, compared leaf by leaf with ('xla', 'xla');
+* ``train``: full training-step times of ``--methods`` with ('xla', 'xla') and
+  ('matmul', 'reshape'), benchmark.py's runners, all in one round-robin
+  (``--repeats`` rounds of ``--train_steps`` steps after ``--warmup`` steps).
 
 Run::
 
@@ -36,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from sadt_jax import losses
 from sadt_jax.models import _layers, get_model
@@ -248,6 +255,99 @@ def chunks_part(args) -> list[dict]:
     return rows
 
 
+def steps_part(args) -> list[dict]:
+    """Parameters after ``--train_steps`` real ``sadt_update`` steps (Adam), per impl pair."""
+    from experiments import benchmark  # the benchmark's exact model, batch and step
+
+    # Last variant: ('xla', 'xla') on images changed by one float32 ulp: the effect that
+    # round-off alone has on the parameters after a few Adam steps.
+    variants = [("xla", "xla"), ("matmul", "xla"), ("matmul", "reshape"), ("xla", "xla+ulp")]
+    rows, params = [], {}
+    for method in args.methods.split(","):
+        for conv_impl, pool_impl in variants:
+            bargs = benchmark.parse_args(
+                [
+                    f"--batch_size={args.batch_size}",
+                    f"--conv_impl={conv_impl}",
+                    f"--pool_impl={pool_impl.removesuffix('+ulp')}",
+                    f"--methods={method}",
+                ]
+            )
+            model, variables, batch = benchmark._setup(bargs)
+            if pool_impl.endswith("+ulp"):
+                batch = {**batch, "image": jnp.nextafter(batch["image"], jnp.inf)}
+            runner = benchmark._method_runner(method, model, variables, batch, bargs)
+            runner.run(args.train_steps)
+            params[(method, conv_impl, pool_impl)] = jax.device_get(runner.carry[0].params)
+        ref = params[(method, "xla", "xla")]
+        for conv_impl, pool_impl in variants[1:]:
+            got = params[(method, conv_impl, pool_impl)]
+            flat_ref = traverse_util.flatten_dict(ref, sep="/")
+            flat_got = traverse_util.flatten_dict(got, sep="/")
+            per_leaf = {k: float(np.max(np.abs(flat_got[k] - v))) for k, v in flat_ref.items()}
+            worst = max(per_leaf, key=per_leaf.get)
+            row = {
+                "method": method,
+                "variant": f"conv={conv_impl},pool={pool_impl}",
+                "steps": args.train_steps,
+                "max_abs_diff": per_leaf[worst],
+                "worst_leaf": worst,
+                "max_abs_param": max(float(np.max(np.abs(v))) for v in flat_ref.values()),
+                "max_abs_diff_per_leaf": per_leaf,
+            }
+            rows.append(row)
+            print(
+                f"{method} {row['variant']}: max abs param diff after {args.train_steps} steps "
+                f"{row['max_abs_diff']:.2e} (at {worst}); top leaves "
+                f"{sorted(per_leaf.items(), key=lambda kv: -kv[1])[:4]}",
+                flush=True,
+            )
+    return rows
+
+
+def train_part(args) -> list[dict]:
+    """Full training steps (benchmark.py's runners), every (method, impl) in one process."""
+    from experiments import benchmark
+
+    runners = []
+    for method in args.methods.split(","):
+        for conv_impl, pool_impl in (("xla", "xla"), ("matmul", "reshape")):
+            bargs = benchmark.parse_args(
+                [
+                    f"--batch_size={args.batch_size}",
+                    f"--conv_impl={conv_impl}",
+                    f"--pool_impl={pool_impl}",
+                    f"--methods={method}",
+                ]
+            )
+            model, variables, batch = benchmark._setup(bargs)
+            r = benchmark._method_runner(method, model, variables, batch, bargs)
+            r.name = f"{method} conv={conv_impl},pool={pool_impl}"
+            r.run(args.warmup)
+            runners.append(r)
+    benchmark._round_robin(runners, args.train_steps, args.repeats)
+    rows = []
+    for r in runners:
+        rows.append(
+            {
+                "variant": r.name,
+                "median_ms": 1e3 * statistics.median(r.times),
+                "min_ms": 1e3 * min(r.times),
+                "per_repeat_ms": [1e3 * t for t in r.per_repeat],
+                "num_timed_steps": len(r.times),
+                "temp_mb": _temp_mb(r.compiled),
+                "cores_busy": r.cpu_s / r.wall_s,
+            }
+        )
+        print(
+            f"{r.name:36s} median {rows[-1]['median_ms']:8.1f} ms (min {rows[-1]['min_ms']:.1f},"
+            f" {len(r.times)} steps), temp {rows[-1]['temp_mb']:.0f} MB, "
+            f"cores busy {rows[-1]['cores_busy']:.2f}",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", default="layers,pools,model")
@@ -259,10 +359,19 @@ def main(argv=None):
         default="0.25,0.5,1,2,4,8,16,1e6",
         help="CONV_CHUNK_BYTES values (MiB) for the chunks part; 1e6: the whole batch.",
     )
+    p.add_argument("--methods", default="base,sadt_t1", help="Methods for the steps part.")
+    p.add_argument("--train_steps", type=int, default=3, help="Steps for the steps part.")
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = p.parse_args(argv)
     results = {"loadavg_start": os.getloadavg()}
-    parts = {"layers": layers_part, "pools": pools_part, "model": model_part, "chunks": chunks_part}
+    parts = {
+        "layers": layers_part,
+        "pools": pools_part,
+        "model": model_part,
+        "chunks": chunks_part,
+        "steps": steps_part,
+        "train": train_part,
+    }
     for part in args.parts.split(","):
         results[part] = parts[part](args)
     results["loadavg_end"] = os.getloadavg()
