@@ -23,7 +23,7 @@ from sadt_jax import models
 from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import NOISE_MODES, param_paths
 from sadt_jax.algorithm.step import BN_STATS, KL_DIRECTIONS, OBJECTIVES, TEACHERS
-from sadt_jax.train import builders
+from sadt_jax.train import builders, steps
 
 __all__ = [
     "ConfigError",
@@ -33,9 +33,10 @@ __all__ = [
     "validate_config",
 ]
 
-AUGMENTS = ("none", "cutmix", "crop_flip", "crop_flip_cutmix")
-DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("exponential", "cosine", "constant")
+# The valid names live where they are used; validation only reads them.
+AUGMENTS = steps.AUGMENTS
+DTYPES = tuple(builders.DTYPES)
+SCHEDULES = builders.SCHEDULES
 # Fields that may change when resuming a workdir without --allow_config_change.
 RESUMABLE_CHANGES = {"num_epochs", "num_steps", "log_every_steps", "ckpt.async_save"}
 
