@@ -112,10 +112,16 @@ def _cell_from_json(d: dict[str, Any]) -> Cell:
     return Cell(**d)
 
 
-def _discover_extra(cells: Sequence[Cell], root: str) -> list[Cell]:
-    """Cells run earlier (e.g. with more seeds) that are not in ``cells``."""
+def _discover_extra(
+    cells: Sequence[Cell], root: str, folders: Sequence[str] | None = None
+) -> list[Cell]:
+    """Cells run earlier (e.g. with more seeds) that are not in ``cells``.
+
+    Only ``folders`` are searched (default: every folder of ``cells``); a suite that
+    reuses another suite's runs searches its own folder only.
+    """
     known = {(c.suite, c.name) for c in cells}
-    folders = sorted({c.suite for c in cells})
+    folders = sorted({c.suite for c in cells} if folders is None else set(folders))
     extra = []
     for folder in folders:
         base = os.path.join(root, folder)
@@ -135,11 +141,18 @@ def _discover_extra(cells: Sequence[Cell], root: str) -> list[Cell]:
     return sorted(extra, key=lambda c: (c.seed, c.name))
 
 
-def collect_runs(cells: Sequence[Cell], root: str, *, discover: bool = True) -> list[Run]:
-    """Reads the workdirs of ``cells`` (and, with ``discover``, other cells found there)."""
+def collect_runs(
+    cells: Sequence[Cell],
+    root: str,
+    *,
+    discover: bool = True,
+    folders: Sequence[str] | None = None,
+) -> list[Run]:
+    """Reads the workdirs of ``cells`` (and, with ``discover``, other cells found in
+    ``folders``, by default the folders of ``cells``)."""
     from experiments.run_suite import cell_state
 
-    cells = list(cells) + (_discover_extra(cells, root) if discover else [])
+    cells = list(cells) + (_discover_extra(cells, root, folders) if discover else [])
     runs = []
     for cell in cells:
         workdir = cell.workdir(root)
@@ -887,7 +900,7 @@ def aggregate_suite(
     """
     suite = suites.get_suite(suite_name)
     cells = suites.suite_cells(suite_name, seeds, smoke=smoke)
-    runs = collect_runs(cells, root)
+    runs = collect_runs(cells, root, folders=[suite.name + ("_smoke" if smoke else "")])
     command = command or canonical_command(suite_name, root, seeds, smoke, results_dir)
     prov = provenance(runs, command, suite)
     groups = _by_key(runs)

@@ -301,7 +301,8 @@ def main(argv: Sequence[str] | None = None, *, launcher: Launcher = subprocess_l
     if not cells:
         print(f"error: no cell of suite {args.suite!r} matches --only={args.only}", file=sys.stderr)
         return 2
-    folder = cells[0].suite
+    # The suite's own folder (a suite may also reuse runs kept in another suite's folder).
+    folder = args.suite + ("_smoke" if args.smoke else "")
     results_dir = args.results_dir or os.path.join("results", folder)
     print(
         f"Suite {args.suite}{' (smoke)' if args.smoke else ''}: "

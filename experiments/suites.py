@@ -21,7 +21,9 @@ Suites (run them with ``python -m experiments.run_suite --suite=<name> --root=ru
   (:func:`fashion_mnist_cells`);
 * ``sensitivity``: SADT's hyperparameters (:func:`sensitivity_cells`);
 * ``sharpness``: Hessian top eigenvalue and worst-case loss increase of the final
-  models of ``fashion_mnist`` (:func:`sharpness_cells`).
+  models of ``fashion_mnist`` (:func:`sharpness_cells`);
+* ``teacher_every``: SADT-T1 with teachers every k steps, reusing ``fashion_mnist``'s
+  base and sadt_t1 runs (:func:`teacher_every_cells`).
 
 Compute estimates (:func:`estimate_seconds`) are *estimates*: steps x a per-example
 cost of the base step x the method's step-cost ratio, plus evaluation and
@@ -483,6 +485,45 @@ def sensitivity_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     return cells
 
 
+# ---- Suite 5: teacher sampling every k steps ----------------------------------------------
+
+TE_KS = (2, 4, 8)
+
+
+def teacher_every_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
+    """SADT-T1 with teachers every k steps (plain Base updates in between), Fashion-MNIST.
+
+    ``config.teacher_every = k``: steps ``0, k, 2k, ...`` are SADT-T1 steps, the others
+    are Base steps, so a run costs about ``((k - 1) + c) / k`` Base steps per step,
+    where ``c`` is SADT-T1's step-cost ratio. Rows: ``base`` (k = inf), ``k=1``
+    (SADT-T1 every step), ``k=2, 4, 8``. The budget and seeds are those of the
+    ``fashion_mnist`` suite, and its ``base`` and ``sadt_t1`` cells *are* the k = inf
+    and k = 1 rows (the same workdirs: they are not run twice), so only the
+    3 x 3 = 9 runs with k > 1 are new: ~20 minutes on 2 CPU cores (an estimate).
+    Wall-clock per run comes from the runs themselves (other work may have shared the
+    cores); the benchmark's side-by-side step times (results/benchmark.md) are the
+    controlled cost measurement.
+    """
+    cells = []
+    for src in fashion_mnist_cells(seeds, smoke=smoke):
+        if src.method == "base":
+            cells.append(dataclasses.replace(src, group="teacher_every", label="base"))
+        elif src.method == "sadt_t1":
+            cells.append(dataclasses.replace(src, group="teacher_every", label="k=1"))
+            for k in TE_KS:
+                cells.append(
+                    dataclasses.replace(
+                        src,
+                        suite="teacher_every" + ("_smoke" if smoke else ""),
+                        name=f"sadt_t1_k{k}_s{src.seed}",
+                        label=f"k={k}",
+                        group="teacher_every",
+                        overrides=src.overrides + (("teacher_every", k),),
+                    )
+                )
+    return cells
+
+
 # ---- Suite 4: sharpness of suite 2's final models ---------------------------------------
 
 SHARPNESS_FLAGS = {
@@ -543,6 +584,7 @@ SUITES: dict[str, Suite] = {
         Suite("fashion_mnist", fashion_mnist_cells, FM_SEEDS, references=("base", "base_2x")),
         Suite("sensitivity", sensitivity_cells, (0,)),
         Suite("sharpness", sharpness_cells, FM_SEEDS, kind="sharpness"),
+        Suite("teacher_every", teacher_every_cells, FM_SEEDS),
     )
 }
 
@@ -608,6 +650,8 @@ def estimate_seconds(cell: Cell, hardware: str) -> float:
     if per_ex is None:
         per_ex = BASE_SECONDS_PER_EXAMPLE[(hardware, "simple_cnn")]
     cost = METHOD_COST.get(cell.method, 2.0)
+    every = int(dict(cell.overrides).get("teacher_every", 1))
+    cost = (every - 1 + cost) / every  # Base steps between teacher steps
     train = steps * cell.batch_size * per_ex * cost
     evaluation = math.ceil(cell.num_epochs) * num_test * per_ex / 3  # forward only
     return train + evaluation + STARTUP_SECONDS.get(hardware, 30.0) * cost

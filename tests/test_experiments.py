@@ -221,6 +221,31 @@ def test_aggregate_regenerates_identically_and_plots(synthetic_suite, tmp_path):
     assert first == second
 
 
+def test_teacher_every_reuses_fashion_mnist_runs(synthetic_suite, tmp_path):
+    cells = suites.suite_cells("teacher_every")
+    assert [c.label for c in cells[:5]] == ["base", "k=1", "k=2", "k=4", "k=8"]
+    # base and k=1 are the fashion_mnist suite's own workdirs; only k > 1 is new.
+    assert (cells[0].suite, cells[0].name) == ("fashion_mnist", "base_s0")
+    assert (cells[1].suite, cells[1].name) == ("fashion_mnist", "sadt_t1_s0")
+    assert cells[2].workdir("r") == os.path.join("r", "teacher_every", "sadt_t1_k2_s0")
+    assert "--config.teacher_every=2" in cells[2].command("r", python="python")
+    assert suites.estimate_seconds(cells[4], "cpu2") < suites.estimate_seconds(cells[2], "cpu2")
+    for seed in range(3):
+        k2 = cells[5 * seed + 2]
+        _write_run(k2.workdir(synthetic_suite), k2, [0.6, 0.7, 0.79], epoch_time=12.0)
+    # A finished fashion_mnist run that is not a teacher_every cell must stay out.
+    sam = {c.name: c for c in suites.suite_cells("fashion_mnist")}["sam_s0"]
+    _write_run(sam.workdir(synthetic_suite), sam, [0.9, 0.9, 0.9])
+    with open(os.path.join(sam.workdir(synthetic_suite), "suite_run.json"), "w") as f:
+        json.dump({"cell": sam.to_json(), "attempts": []}, f)
+    out = str(tmp_path / "results")
+    aggregate.aggregate_suite("teacher_every", synthetic_suite, out, plots=False)
+    rows = {r["label"]: r for r in _csv_rows(os.path.join(out, "accuracy.csv"))}
+    assert set(rows) == {"base", "k=1", "k=2", "k=4", "k=8"}
+    assert int(rows["k=2"]["n"]) == 3 and int(rows["k=1"]["n"]) == 3
+    assert int(rows["k=4"]["n"]) == 0
+
+
 def test_mean_std_edge_cases():
     assert aggregate.mean_std([]) == (None, None, 0)
     assert aggregate.mean_std([0.5, None]) == (0.5, None, 1)

@@ -144,6 +144,13 @@ def perturbation(
     """
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+    if noise_std and noise_mode == "additive" and isinstance(rho, int | float) and rho == 0:
+        # SADT-T3's pure-noise teacher: skip the direction (its norm and scaling are
+        # multiplied by a literal 0, which XLA may not fold away for floats).
+        if key is None:
+            raise ValueError("perturbation: noise_std > 0 needs a PRNG key.")
+        noise = _gaussian_like(key, params, _resolve_mask(noise_mask, params))
+        return jax.tree.map(lambda n, p: (noise_std * n).astype(p.dtype), noise, params)
     if adaptive:
         scale = jax.tree.map(lambda w: jnp.abs(w) + adaptive_eta, params)
         direction = jax.tree.map(lambda t, g: t * t * g, scale, grads)
