@@ -52,6 +52,14 @@ def test_paper_and_sensitivity_grids():
     assert "--config.sadt.rho=0.0005" in cmd and "--config.sadt.noise_std=0.0" in cmd
 
 
+def test_fashion_mnist_long_grid():
+    cells = suites.suite_cells("fashion_mnist_long")
+    assert [c.name for c in cells[:3]] == ["base_s0", "base_2x_s0", "sadt_t1_s0"]
+    cmd = cells[2].command("r", python="python")
+    assert "--config.num_epochs=3" in cmd and not any("max_train_examples" in a for a in cmd)
+    assert suites.get_suite("fashion_mnist_long").references == ("base", "base_2x")
+
+
 def test_smoke_and_sharpness_cells():
     smoke = suites.suite_cells("fashion_mnist", [0], smoke=True, only=["base_s", "sadt_t1_s"])
     assert [c.name for c in smoke] == ["base_s0", "sadt_t1_s0"]
