@@ -694,11 +694,11 @@ def _legend(fig, axes, labels):
             handles,
             names,
             loc="lower center",
-            ncol=min(len(names), 6),
+            ncol=min(len(names), 5),
             fontsize=8,
             frameon=False,
         )
-        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) > 6), 1, 0.95))
+        fig.tight_layout(rect=(0, 0.06 + 0.05 * (len(names) > 5), 1, 0.95))
     else:
         fig.tight_layout(rect=(0, 0, 1, 0.95))
 
@@ -726,7 +726,7 @@ def plot_curves(groups, group, key, x, ylabel, path, title) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     _legend(fig, axes, labels)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -757,7 +757,7 @@ def plot_final(groups, group, path, title) -> str:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=10)
     _legend(fig, axes, ["a", "b"])
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -818,12 +818,14 @@ def plot_bars(groups, group, path, title, metric="best_val_test", ylabel=None) -
             [handles[n] for n in names],
             names,
             loc="lower center",
-            ncol=min(len(names), 7),
+            ncol=min(len(names), 5),
             fontsize=8,
             frameon=False,
         )
-    fig.tight_layout(rect=(0, 0.07 if len(chunks) == 1 else 0.04, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(
+        rect=(0, (0.07 if len(chunks) == 1 else 0.04) + 0.05 * (len(names) > 5), 1, 0.96)
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -862,7 +864,7 @@ def plot_sharpness_vs_accuracy(runs: Sequence[Run], path: str, title: str) -> st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -241,8 +241,10 @@ class _Runner:
 
 
 def _round_robin(runners: Sequence[_Runner], steps: int, repeats: int) -> None:
-    for _ in range(repeats):
-        for r in runners:
+    """``steps`` timed steps per runner per repeat; the order reverses every repeat
+    (A B C, C B A, ...) so no method always runs first or after the same neighbour."""
+    for i in range(repeats):
+        for r in runners if i % 2 == 0 else reversed(runners):
             r.timed(steps)
 
 
@@ -351,7 +353,10 @@ def _optax_sam_comparison(model, variables, batch, args) -> dict[str, Any]:
         r.run(args.warmup)
     _round_robin(runners, args.steps, args.repeats)
     a, b = (statistics.median(r.times) for r in runners)
+    costs = [_cost(r.compiled) for r in runners]
     return {
+        "ours_xla_cost": costs[0],
+        "optax_xla_cost": costs[1],
         "ours_step_ms": 1e3 * a,
         "optax_step_ms": 1e3 * b,
         "ratio_ours_to_optax": a / b,
@@ -499,8 +504,17 @@ def markdown_table(results: dict[str, Any]) -> str:
             "\n| SAM step (plain jitted step) | step ms (median) |\n|---|---|\n"
             f"| sadt_jax.sam + adam | {o['ours_step_ms']:.1f} |\n"
             f"| optax.contrib.sam (opaque) + adam | {o['optax_step_ms']:.1f} |\n"
-            f"| ratio ours / optax | {o['ratio_ours_to_optax']:.3f} |"
+            f"| ratio ours / optax | {o['ratio_ours_to_optax']:.3f} |\n"
+            "| ratio per repeat | " + ", ".join(f"{x:.3f}" for x in o["ratio_per_repeat"]) + " |"
         )
+        oc, tc = o.get("ours_xla_cost", {}), o.get("optax_xla_cost", {})
+        if "flops" in oc and "flops" in tc:
+            lines.append(
+                f"| XLA GFLOP / GB accessed, ours | {oc['flops'] / 1e9:.3f} / "
+                f"{oc.get('bytes accessed', 0) / 1e9:.3f} |\n"
+                f"| XLA GFLOP / GB accessed, optax | {tc['flops'] / 1e9:.3f} / "
+                f"{tc.get('bytes accessed', 0) / 1e9:.3f} |"
+            )
     if "_teacher_every" in results:
         te = results["_teacher_every"]
         lines.append(
