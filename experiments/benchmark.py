@@ -408,14 +408,20 @@ def _breakdown(model, variables, batch, args) -> dict[str, float]:
 
 
 def _git_commit() -> str | None:
-    try:
+    """``HEAD``'s short hash, with ``+dirty`` when tracked files have uncommitted changes."""
+
+    def git(*cmd):
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *cmd],
             capture_output=True,
             text=True,
             check=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except Exception:  # noqa: BLE001
         return None
 
