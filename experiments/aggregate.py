@@ -572,6 +572,53 @@ def sharpness_table(groups: dict[tuple[str, str, str], list[Run]], rhos: Sequenc
     )
 
 
+def sharpness_reference_table(
+    groups: dict[tuple[str, str, str], list[Run]], reference: str, rhos: Sequence[str]
+) -> Table | None:
+    """Seed-paired differences in sharpness to ``reference`` (same seed = same init/data)."""
+    metrics = [("lambda_max", "top Hessian eigenvalue", 2)]
+    metrics += [(f"worst_case_{r}", f"worst-case increase, rho={r}", 4) for r in rhos]
+    md_rows, csv_rows = [], []
+    for (group, setting, label), runs in groups.items():
+        if label == reference or (group, setting, reference) not in groups:
+            continue
+        ref = {r.cell.seed: r for r in groups[(group, setting, reference)] if r.finished}
+        pairs = [(r, ref[r.cell.seed]) for r in runs if r.finished and r.cell.seed in ref]
+        md, row = [group, setting, label, str(len(pairs))], [group, setting, label, str(len(pairs))]
+        for metric, _, digits in metrics:
+            diffs = [
+                _sharp(a, metric) - _sharp(b, metric)
+                for a, b in pairs
+                if _sharp(a, metric) is not None and _sharp(b, metric) is not None
+            ]
+            m, s, _ = mean_std(diffs)
+            lower = sum(d < 0 for d in diffs)
+            md += [fmt_ms(m, s, digits=digits), f"{lower}/{len(diffs)}"]
+            row += [_num(m), _num(s), str(lower)]
+        md_rows.append(md)
+        csv_rows.append(row)
+    if not md_rows:
+        return None
+    md_header = ["group", "setting", "method", "pairs"]
+    csv_header = ["group", "setting", "label", "pairs"]
+    for metric, title, _ in metrics:
+        md_header += [f"Δ {title} vs {reference}", "lower"]
+        csv_header += [f"d_{metric}_mean", f"d_{metric}_std", f"d_{metric}_lower"]
+    return Table(
+        f"sharpness_vs_{reference}",
+        f"Sharpness: seed-paired comparison with {reference}",
+        md_header,
+        md_rows,
+        csv_header,
+        csv_rows,
+        notes=[
+            f"Each run's sharpness minus that of the {reference} run of the same seed (same "
+            "initial weights and data order), mean ± std over seeds; lower = seeds where the "
+            "method's model is flatter (smaller value)."
+        ],
+    )
+
+
 # ---- Provenance ----------------------------------------------------------------------------
 
 
@@ -983,6 +1030,10 @@ def aggregate_suite(
             key=float,
         )
         tables.append(sharpness_table(groups, rhos))
+        for ref in suite.references:
+            t = sharpness_reference_table(groups, ref, rhos)
+            if t is not None:
+                tables.append(t)
         if plots:
             for g in group_names:
                 figures.append(

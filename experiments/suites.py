@@ -630,7 +630,13 @@ SUITES: dict[str, Suite] = {
         ),
         Suite("fashion_mnist", fashion_mnist_cells, FM_SEEDS, references=("base", "base_2x")),
         Suite("sensitivity", sensitivity_cells, (0,)),
-        Suite("sharpness", sharpness_cells, FM_SEEDS, kind="sharpness"),
+        Suite(
+            "sharpness",
+            sharpness_cells,
+            FM_SEEDS,
+            kind="sharpness",
+            references=("base", "base_2x"),
+        ),
         Suite("teacher_every", teacher_every_cells, FM_SEEDS),
         Suite(
             "fashion_mnist_long",

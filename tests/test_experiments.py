@@ -287,6 +287,14 @@ def test_aggregate_sharpness(synthetic_suite, tmp_path):
     assert float(rows["sadt_t1"]["final_test_mean"]) == pytest.approx(np.mean([0.79, 0.77, 0.81]))
     assert rows["gc"]["n"] == "0"
     assert os.path.exists(os.path.join(out, "sharpness_vs_accuracy.png"))
+    # Seed-paired: sadt_t1 (5) minus base (10, 11, 12) = -5, -6, -7; flatter in 3 of 3.
+    paired = {r["label"]: r for r in _csv_rows(os.path.join(out, "sharpness_vs_base.csv"))}
+    assert "base" not in paired and paired["gc"]["pairs"] == "0"
+    assert paired["sadt_t1"]["pairs"] == "3"
+    assert float(paired["sadt_t1"]["d_lambda_max_mean"]) == pytest.approx(-6.0)
+    assert float(paired["sadt_t1"]["d_lambda_max_std"]) == pytest.approx(1.0)
+    assert paired["sadt_t1"]["d_lambda_max_lower"] == "3"
+    assert paired["sadt_t1"]["d_worst_case_0.05_lower"] == "0"
 
 
 # ---- The runner -----------------------------------------------------------------------------
