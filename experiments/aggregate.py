@@ -411,14 +411,23 @@ def convergence_table(
     )
 
 
-def reference_table(groups: dict[tuple[str, str, str], list[Run]], reference: str) -> Table | None:
-    """Seed-paired differences of every row to ``reference`` (same setting)."""
-    md_rows, csv_rows = [], []
+def _seed_pairs(groups: dict[tuple[str, str, str], list[Run]], reference: str):
+    """``(key, [(run, reference run of the same seed), ...])`` for every other row whose
+    setting has a ``reference`` row (finished runs only)."""
     for (group, setting, label), runs in groups.items():
         if label == reference or (group, setting, reference) not in groups:
             continue
         ref = {r.cell.seed: r for r in groups[(group, setting, reference)] if r.finished}
-        pairs = [(r, ref[r.cell.seed]) for r in runs if r.finished and r.cell.seed in ref]
+        yield (
+            (group, setting, label),
+            [(r, ref[r.cell.seed]) for r in runs if r.finished and r.cell.seed in ref],
+        )
+
+
+def reference_table(groups: dict[tuple[str, str, str], list[Run]], reference: str) -> Table | None:
+    """Seed-paired differences of every row to ``reference`` (same setting)."""
+    md_rows, csv_rows = [], []
+    for (group, setting, label), pairs in _seed_pairs(groups, reference):
         md, row = [group, setting, label, str(len(pairs))], [group, setting, label, str(len(pairs))]
         for metric in ("best_val_test", "final_test"):
             diffs = [
@@ -579,11 +588,7 @@ def sharpness_reference_table(
     metrics = [("lambda_max", "top Hessian eigenvalue", 2)]
     metrics += [(f"worst_case_{r}", f"worst-case increase, rho={r}", 4) for r in rhos]
     md_rows, csv_rows = [], []
-    for (group, setting, label), runs in groups.items():
-        if label == reference or (group, setting, reference) not in groups:
-            continue
-        ref = {r.cell.seed: r for r in groups[(group, setting, reference)] if r.finished}
-        pairs = [(r, ref[r.cell.seed]) for r in runs if r.finished and r.cell.seed in ref]
+    for (group, setting, label), pairs in _seed_pairs(groups, reference):
         md, row = [group, setting, label, str(len(pairs))], [group, setting, label, str(len(pairs))]
         for metric, _, digits in metrics:
             diffs = [

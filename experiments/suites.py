@@ -333,6 +333,41 @@ FM_EPOCHS = 5
 FM_SEEDS = (0, 1, 2)
 
 
+def _fashion_mnist_method_cell(
+    suite: str,
+    method: str,
+    seed: int,
+    *,
+    setting: str,
+    num_epochs: float,
+    max_train_examples: int | None,
+    log_every_steps: int,
+    smoke: bool,
+) -> Cell:
+    """One method of a Fashion-MNIST method grid (simple CNN, batch FM_BATCH, 3000 val)."""
+    overrides: dict[str, Any] = {"batch_size": FM_BATCH, "num_epochs": num_epochs}
+    if max_train_examples is not None:
+        overrides["data.max_train_examples"] = max_train_examples
+    overrides.update({"data.num_validation": 3000, "log_every_steps": log_every_steps})
+    return _train_cell(
+        suite,
+        f"{method}_s{seed}",
+        group=suite,
+        setting=setting,
+        label=method,
+        method=method,
+        seed=seed,
+        config=f"configs/fashion_mnist.py:{method}",
+        overrides=overrides,
+        dataset="fashion_mnist",
+        model="simple_cnn",
+        batch_size=FM_BATCH,
+        num_epochs=num_epochs,
+        max_train_examples=max_train_examples,
+        smoke=smoke,
+    )
+
+
 def fashion_mnist_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     """Fashion-MNIST, the paper's simple CNN: 7 methods + 2 controls, 3 seeds, 2 CPU cores.
 
@@ -353,35 +388,20 @@ def fashion_mnist_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]
     (~27 x 30 s = 800 s): ~1.4 h in all; ~2.4 h if a Base step takes 1 s. The full
     60k images x 6 epochs at batch 256 would be ~8x more (10+ h).
     """
-    cells = []
-    for seed in seeds:
-        for method in PAPER_METHODS + CONTROL_METHODS:
-            cells.append(
-                _train_cell(
-                    "fashion_mnist",
-                    f"{method}_s{seed}",
-                    group="fashion_mnist",
-                    setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}",
-                    label=method,
-                    method=method,
-                    seed=seed,
-                    config=f"configs/fashion_mnist.py:{method}",
-                    overrides={
-                        "batch_size": FM_BATCH,
-                        "num_epochs": FM_EPOCHS,
-                        "data.max_train_examples": FM_TRAIN_EXAMPLES,
-                        "data.num_validation": 3000,
-                        "log_every_steps": 10,
-                    },
-                    dataset="fashion_mnist",
-                    model="simple_cnn",
-                    batch_size=FM_BATCH,
-                    num_epochs=FM_EPOCHS,
-                    max_train_examples=FM_TRAIN_EXAMPLES,
-                    smoke=smoke,
-                )
-            )
-    return cells
+    return [
+        _fashion_mnist_method_cell(
+            "fashion_mnist",
+            method,
+            seed,
+            setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}",
+            num_epochs=FM_EPOCHS,
+            max_train_examples=FM_TRAIN_EXAMPLES,
+            log_every_steps=10,
+            smoke=smoke,
+        )
+        for seed in seeds
+        for method in PAPER_METHODS + CONTROL_METHODS
+    ]
 
 
 # ---- Suite 3: sensitivity ----------------------------------------------------------------
@@ -542,33 +562,20 @@ def fashion_mnist_long_cells(seeds: Sequence[int], smoke: bool = False) -> list[
     3 epochs (702 steps), validation/test as in ``fashion_mnist``. ~30 minutes per
     seed on 2 CPU cores (an estimate: 5.15 Base-step equivalents x 702 steps x 0.5 s).
     """
-    cells = []
-    for seed in seeds:
-        for method in LONG_METHODS:
-            cells.append(
-                _train_cell(
-                    "fashion_mnist_long",
-                    f"{method}_s{seed}",
-                    group="fashion_mnist_long",
-                    setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}/60k",
-                    label=method,
-                    method=method,
-                    seed=seed,
-                    config=f"configs/fashion_mnist.py:{method}",
-                    overrides={
-                        "batch_size": FM_BATCH,
-                        "num_epochs": LONG_EPOCHS,
-                        "data.num_validation": 3000,
-                        "log_every_steps": 20,
-                    },
-                    dataset="fashion_mnist",
-                    model="simple_cnn",
-                    batch_size=FM_BATCH,
-                    num_epochs=LONG_EPOCHS,
-                    smoke=smoke,
-                )
-            )
-    return cells
+    return [
+        _fashion_mnist_method_cell(
+            "fashion_mnist_long",
+            method,
+            seed,
+            setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}/60k",
+            num_epochs=LONG_EPOCHS,
+            max_train_examples=None,
+            log_every_steps=20,
+            smoke=smoke,
+        )
+        for seed in seeds
+        for method in LONG_METHODS
+    ]
 
 
 # ---- Suite 4: sharpness of suite 2's final models ---------------------------------------
