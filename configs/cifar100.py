@@ -1,4 +1,4 @@
-"""CIFAR-100: the same protocol and variants as ``cifar10.py``.
+"""CIFAR-100: the same protocols and variants as ``cifar10.py``.
 
 Run::
 
@@ -10,5 +10,5 @@ from configs import cifar10
 
 
 def get_config(arg: str | None = None):
-    """``arg`` is ``<method>[,<variant>]`` as in ``configs/cifar10.py``."""
+    """``arg`` is ``<method>[,<variant>][,release]`` as in ``configs/cifar10.py``."""
     return cifar10.get_config(arg, dataset="cifar100")

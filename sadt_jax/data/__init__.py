@@ -5,6 +5,9 @@
   SADT paper's validation split (the first 3000 test images).
 - :mod:`sadt_jax.data.pipeline`: per-process index batches from ``(seed, epoch)`` for training
   and padded, masked batches for evaluation.
+- :mod:`sadt_jax.data.release_order`: the epoch's order, a full permutation or the authors'
+  release's 1024-buffer shuffle with CutMix partners from a second stream, the partial last
+  batch dropped or kept.
 - :mod:`sadt_jax.data.augment`: jittable CutMix, crop+flip, normalization.
 
 Every failure to load data is a :class:`DatasetError` with a one-line fix.
@@ -20,18 +23,23 @@ from sadt_jax.data.pipeline import (
     train_batch_indices,
     train_batches,
 )
-from sadt_jax.data.sources import Dataset, channel_stats, load_dataset
+from sadt_jax.data.release_order import buffer_shuffle, epoch_batches, epoch_order
+from sadt_jax.data.sources import Dataset, channel_stats, load_dataset, normalization_constants
 from sadt_jax.data.tfds_source import load_tfds
 
 __all__ = [
     "Dataset",
     "DatasetError",
+    "buffer_shuffle",
     "channel_stats",
     "cutmix",
+    "epoch_batches",
+    "epoch_order",
     "eval_batches",
     "load_dataset",
     "load_fashion_mnist",
     "load_tfds",
+    "normalization_constants",
     "normalize",
     "num_eval_batches",
     "one_hot",

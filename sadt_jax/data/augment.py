@@ -56,17 +56,28 @@ def one_hot(labels: jax.Array, num_classes: int, dtype: jnp.dtype = jnp.float32)
     return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
-def cutmix_boxes(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
+CUTMIX_BOXES = ("reference", "release")
+
+
+def cutmix_boxes(
+    key: jax.Array, lam: jax.Array, height: int, width: int, *, min_box: bool = False
+) -> jax.Array:
     """Samples one CutMix box per example, as in the reference implementation.
 
-    The box has side ``floor(H * sqrt(1 - lam))`` by ``floor(W * sqrt(1 - lam))`` around a
-    uniformly drawn pixel, clipped to the image, so its area is at most ``(1 - lam) * H * W``.
+    The box has side ``cut = floor(S * sqrt(1 - lam))`` (``S`` = ``H`` for rows, ``W`` for
+    columns) around a uniformly drawn pixel ``(cy, cx)``: rows ``[cy - cut // 2, cy + cut // 2)``
+    clipped to ``[0, H]``, and the same for columns, so its area is at most
+    ``(1 - lam) * H * W``. A side of length 0 (``cut <= 1``, i.e. ``lam > 1 - 4 / S**2``) leaves
+    the box empty, unless ``min_box``: then that side gets length 1 starting at its clipped
+    start, as in the authors' release (``if w == 0: w = 1``), so every example takes at least
+    one pixel from its partner.
 
     Args:
       key: PRNG key.
       lam: ``(B,)`` mixing ratios in ``[0, 1]``.
       height: image height ``H``.
       width: image width ``W``.
+      min_box: the release's rule: a 1-pixel minimum side.
 
     Returns:
       ``(B, H, W)`` boolean masks, ``True`` inside the box (the pixels taken from the partner).
@@ -81,6 +92,9 @@ def cutmix_boxes(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax
     y2 = jnp.clip(cy + cut_h // 2, 0, height)[:, None, None]
     x1 = jnp.clip(cx - cut_w // 2, 0, width)[:, None, None]
     x2 = jnp.clip(cx + cut_w // 2, 0, width)[:, None, None]
+    if min_box:  # y1 <= H - 1 and x1 <= W - 1 always, so the 1-pixel side stays inside
+        y2 = jnp.where(y2 == y1, y1 + 1, y2)
+        x2 = jnp.where(x2 == x1, x1 + 1, x2)
     rows = jnp.arange(height)[None, :, None]
     cols = jnp.arange(width)[None, None, :]
     return (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
@@ -92,11 +106,16 @@ def cutmix(
     labels_onehot: jax.Array,
     *,
     alpha: float = 0.25,
+    partner_images: jax.Array | None = None,
+    partner_labels: jax.Array | None = None,
+    box: str = "reference",
 ) -> tuple[jax.Array, jax.Array]:
     r"""Per-example CutMix (Yun et al., 2019).
 
     Each example ``i`` is paired with example ``perm[i]`` of a random permutation of the batch
-    (it may be its own partner, as in the reference code); it draws its own
+    (it may be its own partner, as in the reference code), or, when ``partner_images`` are
+    given, with row ``i`` of those (the authors' release pairs every example with one from a
+    second, independently shuffled stream); it draws its own
     :math:`\lambda_i \sim \mathrm{Beta}(\alpha, \alpha)` and a box of area about
     :math:`(1 - \lambda_i) H W` (see :func:`cutmix_boxes`), clipped to the image, whose pixels
     are replaced by the partner's. The labels are mixed by the actual pasted fraction
@@ -108,6 +127,10 @@ def cutmix(
       labels_onehot: ``(B, K)`` one-hot (or soft) labels whose rows sum to 1.
       alpha: Beta concentration, a positive Python float (0.25 in the SADT paper; 1.0 gives
         uniform :math:`\lambda`, the ImageNet setting of the CutMix paper).
+      partner_images: optional ``(B, H, W, C)`` partners, one per example.
+      partner_labels: ``(B, K)`` labels of ``partner_images`` (required with them).
+      box: ``"reference"`` (a collapsed box stays empty) or ``"release"`` (a 1x1 minimum box,
+        see :func:`cutmix_boxes`).
 
     Returns:
       ``(images, labels)``: mixed images with the dtype and shape of ``images`` and ``float32``
@@ -115,16 +138,23 @@ def cutmix(
     """
     if not alpha > 0:
         raise ValueError(f"cutmix alpha={alpha} must be positive")
+    if box not in CUTMIX_BOXES:
+        raise ValueError(f"cutmix box={box!r} is not valid; choose one of: {CUTMIX_BOXES}")
+    if (partner_images is None) != (partner_labels is None):
+        raise ValueError("cutmix: give partner_images and partner_labels together, or neither")
     batch, height, width = images.shape[:3]
     key_perm, key_lam, key_box = jax.random.split(key, 3)
-    perm = jax.random.permutation(key_perm, batch)
+    labels = labels_onehot.astype(jnp.float32)
+    if partner_images is None:
+        perm = jax.random.permutation(key_perm, batch)
+        partner_images, partner_labels = images[perm], labels[perm]
     lam = jax.random.beta(key_lam, alpha, alpha, shape=(batch,))
     lam = jnp.clip(jnp.nan_to_num(lam, nan=1.0), 0.0, 1.0)
-    box = cutmix_boxes(key_box, lam, height, width)
-    mixed = jnp.where(box[..., None], images[perm], images)
-    ratio = box.sum(axis=(1, 2)).astype(jnp.float32) / (height * width)
-    labels = labels_onehot.astype(jnp.float32)
-    labels = (1.0 - ratio)[:, None] * labels + ratio[:, None] * labels[perm]
+    mask = cutmix_boxes(key_box, lam, height, width, min_box=box == "release")
+    mixed = jnp.where(mask[..., None], partner_images.astype(images.dtype), images)
+    ratio = mask.sum(axis=(1, 2)).astype(jnp.float32) / (height * width)
+    partner_labels = partner_labels.astype(jnp.float32)
+    labels = (1.0 - ratio)[:, None] * labels + ratio[:, None] * partner_labels
     return mixed, labels
 
 

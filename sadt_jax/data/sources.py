@@ -5,9 +5,13 @@ other name is a tensorflow-datasets dataset that must already be prepared.
 
 Splits follow the SADT paper's protocol (Fahim & Boutellier, arXiv 2211.00310): the validation
 set is the first ``num_validation`` (3000) images of the test split and the test set is the
-rest; the reported model is the checkpoint with the best validation loss. The released code
-leaves test index 3000 unused; that quirk is not copied here: every test image is in exactly one
-of the two sets.
+rest; the reported model is the checkpoint with the best validation loss. The authors' released
+code leaves test image 3000 unused (its test set is images 3001-9999); by default every test
+image is in exactly one of the two sets, and ``test_skip=1`` reproduces the release's split.
+
+Scaling: :func:`normalization_constants` gives the ``(mean, std)`` that
+:func:`sadt_jax.data.augment.normalize` uses: the training set's per-channel statistics
+(``"standardize"``, the default) or ``(0, 255)`` (``"scale"``: ``x / 255`` only, the release).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sadt_jax.data import fashion_mnist, tfds_source
 from sadt_jax.data.errors import DatasetError
 
 _STATS_CHUNK = 4096
+NORMALIZATIONS = ("standardize", "scale")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,6 +110,7 @@ def load_dataset(
     data_dir: str | None = None,
     num_validation: int = 3000,
     max_train_examples: int | None = None,
+    test_skip: int = 0,
 ) -> Dataset:
     """Loads a dataset into memory with the paper's validation protocol.
 
@@ -118,6 +124,8 @@ def load_dataset(
         rest the test split; ``0`` means no validation split and the whole test split.
       max_train_examples: if given, keep only the first ``max_train_examples`` training
         examples (for quick runs); ``mean``/``std`` are computed on the kept ones.
+      test_skip: test images left out between the validation and the test split: the test
+        split is images ``num_validation + test_skip`` onwards (the release: 1, so 3001-9999).
 
     Returns:
       A :class:`Dataset`.
@@ -145,9 +153,12 @@ def load_dataset(
         train_labels = train_labels[:max_train_examples]
     if train_images.shape[0] == 0:
         raise DatasetError(f"dataset {name!r} has no training examples: check the prepared data")
-    if num_validation >= test_images.shape[0]:
+    if test_skip < 0:
+        raise DatasetError(f"test_skip={test_skip} is negative: use 0 or more")
+    if num_validation + test_skip >= test_images.shape[0]:
         raise DatasetError(
-            f"num_validation={num_validation} leaves no test images: dataset {name!r} has "
+            f"num_validation={num_validation} (+ test_skip={test_skip}) leaves no test images: "
+            f"dataset {name!r} has "
             f"{test_images.shape[0]} test images; set --config.data.num_validation lower"
         )
     for split, labels in (("train", train_labels), ("test", test_labels)):
@@ -165,11 +176,33 @@ def load_dataset(
         train_labels=ro(train_labels),
         val_images=ro(test_images[:num_validation]),
         val_labels=ro(test_labels[:num_validation]),
-        test_images=ro(test_images[num_validation:]),
-        test_labels=ro(test_labels[num_validation:]),
+        test_images=ro(test_images[num_validation + test_skip :]),
+        test_labels=ro(test_labels[num_validation + test_skip :]),
         num_classes=int(num_classes),
         image_shape=tuple(int(d) for d in train_images.shape[1:]),
         mean=ro(mean),
         std=ro(std),
         name=name,
     )
+
+
+def normalization_constants(dataset: Dataset, normalization: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mean, std)`` to pass to :func:`sadt_jax.data.augment.normalize`.
+
+    Args:
+      dataset: the loaded :class:`Dataset`.
+      normalization: ``"standardize"`` (per-channel mean and standard deviation of the training
+        images) or ``"scale"`` (mean 0, std 255: ``x / 255`` exactly, as the release does).
+
+    Returns:
+      ``(mean, std)``, ``float32`` arrays of shape ``(C,)`` in pixel units.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization={normalization!r} is not valid; choose one of: "
+            f"{', '.join(NORMALIZATIONS)}"
+        )
+    if normalization == "standardize":
+        return dataset.mean, dataset.std
+    channels = dataset.image_shape[-1]
+    return np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)

@@ -13,6 +13,7 @@ What lands in ``workdir``:
   so a resumed run writes the same file); ``timing.jsonl`` — wall-clock per epoch;
 * ``summary.json`` — final and best-validation results, thresholds, versions;
 * ``checkpoints/`` — orbax checkpoints (resumed automatically);
+* ``best/`` — the selected weights (:mod:`sadt_jax.train.selection`), tested at the end;
 * TensorBoard event files (clu ``metric_writers``).
 
 Reliability: a run killed at any point and rerun with the same command ends
@@ -60,14 +61,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sadt_jax
-from sadt_jax.data import load_dataset, pipeline
-from sadt_jax.train import builders, steps, validation
+from sadt_jax.data import pipeline
+from sadt_jax.train import builders, protocol, steps, validation
 from sadt_jax.train.checkpointing import (
     Checkpointer,
     NonFiniteStateError,
     abstract_like,
     all_finite,
 )
+from sadt_jax.train.selection import Selection
 
 __all__ = ["NonFiniteLossError", "Preempted", "train_and_evaluate"]
 
@@ -223,6 +225,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     validation.validate_config(config)
+    protocol.validate_config(config)  # [protocol hook]
     sadt_config = builders.resolve_sadt_config(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -230,14 +233,11 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
     validation.validate_against_model(config, sadt_config)
 
     # ---- Data ------------------------------------------------------------------
-    ds = load_dataset(
-        config.data.name,
-        data_dir=config.data.get("data_dir"),
-        num_validation=config.data.num_validation,
-        max_train_examples=config.data.get("max_train_examples"),
-    )
+    ds = protocol.load_data(config)  # [protocol hook] release_split
     validation.validate_against_data(config, ds.num_train, sadt_config)
-    steps_per_epoch = pipeline.steps_per_epoch(ds.num_train, config.batch_size)
+    protocol.validate_against_data(config, ds.num_train)  # [protocol hook]
+    steps_per_epoch = protocol.steps_per_epoch(config, ds.num_train)  # [protocol hook]
+    mean, std = protocol.normalization(config, ds)  # [protocol hook]
     total_steps = builders.num_train_steps(config, steps_per_epoch)
     num_epochs = builders.steps_to_epochs(total_steps, steps_per_epoch)
 
@@ -253,6 +253,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
     # jit, not device_put: a device_put of local arrays to a multi-process sharding
     # makes arrays that orbax cannot save.
     zero_sums = jax.jit(steps.init_metric_sums, out_shardings=replicated)
+    reset_optimizer = protocol.make_optimizer_reset(config, replicated)  # [protocol hook]
     sums = zero_sums()
 
     # ---- Resume ------------------------------------------------------------------
@@ -279,6 +280,8 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
     timing_path = os.path.join(workdir, "timing.jsonl")
     history = [r for r in _read_jsonl(metrics_path) if r["epoch"] <= meta["epoch"]]
     timing = [r for r in _read_jsonl(timing_path) if r["epoch"] <= meta["epoch"]]
+    selection = Selection(config, workdir)  # [protocol hook] selection slot + workdir/best
+    selection.start(state, jax.jit(init_fn, out_shardings=replicated), history)
     if is_main:  # drop lines written after the checkpoint we resumed from
         _rewrite_jsonl(metrics_path, history)
         _rewrite_jsonl(timing_path, timing)
@@ -286,10 +289,11 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
 
     preprocess_kwargs = dict(
         augment_name=config.data.augment,
-        mean=ds.mean,
-        std=ds.std,
+        mean=mean,
+        std=std,
         num_classes=ds.num_classes,
         cutmix_alpha=config.data.cutmix_alpha,
+        cutmix_box=config.data.get("cutmix_box", "reference"),
     )
     train_step = steps.make_train_step(
         sadt_config, aug_key=aug_key, state_sharding=replicated, **preprocess_kwargs
@@ -300,7 +304,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
         base_step = steps.make_train_step(
             base_cfg, aug_key=aug_key, state_sharding=replicated, **preprocess_kwargs
         )
-    eval_fn = jax.jit(lambda s, b: steps.eval_sums(s, b, mean=ds.mean, std=ds.std))
+    eval_fn = jax.jit(lambda s, b: steps.eval_sums(s, b, mean=mean, std=std))
 
     from clu import metric_writers, periodic_actions  # clu imports TF lazily; keep it here
 
@@ -360,15 +364,10 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
                 "rerun the same command to resume"
             )
         for epoch in range(int(meta["epoch"]), num_epochs):
-            indices = pipeline.train_batch_indices(
-                ds.num_train,
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            plan = protocol.epoch_plan(config, ds.num_train, epoch)  # [protocol hook]
             start_in_epoch = int(meta["step_in_epoch"]) if epoch == meta["epoch"] else 0
+            if reset_optimizer is not None and start_in_epoch == 0:  # [protocol hook]
+                state = reset_optimizer(state)
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             t_epoch = time.time()
             for s in range(start_in_epoch, epoch_steps):
@@ -385,8 +384,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
                         "rerun the same command to resume"
                     )
                 t0 = time.time()
-                idx = indices[s]
-                local = {"image": ds.train_images[idx], "label": ds.train_labels[idx]}
+                local = protocol.local_batch(ds, plan[s])  # [protocol hook]
                 batch = {
                     k: jax.make_array_from_process_local_data(data_sharding, v)
                     for k, v in local.items()
@@ -426,16 +424,18 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
             train_avg = {f"train_{k}": float(v) / n for k, v in host.items() if k != "count"}
             t_eval = time.time()
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, **train_avg}
-            if ds.num_val:
-                val = _evaluate(
+            if ds.num_val:  # [protocol hook] batches of batch_size for selection.loss=last_batch
+                val = protocol.evaluate(
                     eval_fn,
                     state,
                     ds.val_images,
                     ds.val_labels,
-                    config.eval_batch_size,
+                    protocol.validation_batch_size(config),
                     data_sharding,
                 )
                 row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+                if config.get("selection", {}).get("loss", "full") == "last_batch":
+                    row["val_selection_loss"] = val["last_batch_loss"]
             test = _evaluate(
                 eval_fn,
                 state,
@@ -456,6 +456,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
                     "test_accuracy": row["test_accuracy"],
                 }
             history.append(row)
+            selection.update(epoch + 1, row, state)  # [protocol hook] before the checkpoint
             timing.append(
                 {
                     "epoch": epoch + 1,
@@ -489,13 +490,22 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
                 save(epoch + 1, 0)
             meta["epoch"], meta["step_in_epoch"] = epoch + 1, 0
 
+        # [protocol hook] test the selected weights
+        selected = selection.test(
+            lambda st: _evaluate(
+                eval_fn, st, ds.test_images, ds.test_labels, config.eval_batch_size, data_sharding
+            ),
+            state,
+        )
     finally:
         if ckpt is not None:
             ckpt.close()
+        selection.close()
         writer.close()
     summary = _summary(
         config, sadt_config, history, timing, best, steps_per_epoch, total_steps, t_start
     )
+    summary["selected"] = selected  # [protocol hook]
     if is_main:
         _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
         _print_summary(summary, workdir)
@@ -544,6 +554,17 @@ def _summary(config, sadt_config, history, timing, best, steps_per_epoch, total_
     }
 
 
+def _selected_line(sel: dict | None) -> str:
+    if not sel or sel.get("test_accuracy") is None:
+        return "  selected weights: none tested"
+    loss = sel.get("selection_loss")
+    return (
+        f"  selected (epoch {sel['epoch']}{' = initial' if sel['epoch'] == 0 else ''}, rule from "
+        f"epoch {sel['first_epoch']}): test accuracy {100 * sel['test_accuracy']:5.2f} % "
+        f"(selection loss {float('nan') if loss is None else loss:.4f})"
+    )
+
+
 def _print_summary(summary: dict, workdir: str) -> None:
     f, b = summary["final"], summary["best_val"]
 
@@ -557,6 +578,7 @@ def _print_summary(summary: dict, workdir: str) -> None:
         f"  final test accuracy          {pct(f['test_accuracy'])} %",
         f"  best-val epoch {b.get('epoch')}: test accuracy {pct(b.get('test_accuracy'))} % "
         f"(val loss {b.get('val_loss', float('nan')):.4f})",
+        _selected_line(summary.get("selected")),  # [protocol hook]
         f"  training time                {summary['train_time_s']:.1f} s "
         f"(median epoch {summary['median_epoch_time_s'] or 0:.1f} s, "
         f"data {100 * (summary['data_time_fraction'] or 0):.1f} % of it)",

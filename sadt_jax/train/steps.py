@@ -52,16 +52,31 @@ def preprocess(
     std: np.ndarray,
     num_classes: int,
     cutmix_alpha: float,
+    cutmix_box: str = "reference",
 ) -> dict[str, jax.Array]:
-    """uint8 images + int labels -> normalized float images + (soft) label vectors."""
+    """uint8 images + int labels -> normalized float images + (soft) label vectors.
+
+    A batch with ``partner_image``/``partner_label`` (the release's second stream, see
+    :mod:`sadt_jax.data.release_order`) takes its CutMix partners from them.
+    """
     k_crop, k_mix = jax.random.split(key)
     images = batch["image"]
+    partner = batch.get("partner_image")  # [release protocol] CutMix partners from a stream
     if augment_name in ("crop_flip", "crop_flip_cutmix"):
         images = augment.random_crop_flip(k_crop, images)
+        if partner is not None:
+            partner = augment.random_crop_flip(jax.random.fold_in(k_crop, 1), partner)
     images = augment.normalize(images, jnp.asarray(mean), jnp.asarray(std))
     labels = augment.one_hot(batch["label"], num_classes)
     if augment_name in ("cutmix", "crop_flip_cutmix"):
-        images, labels = augment.cutmix(k_mix, images, labels, alpha=cutmix_alpha)
+        kwargs = {}
+        if partner is not None:
+            partner = augment.normalize(partner, jnp.asarray(mean), jnp.asarray(std))
+            kwargs["partner_images"] = partner
+            kwargs["partner_labels"] = augment.one_hot(batch["partner_label"], num_classes)
+        images, labels = augment.cutmix(
+            k_mix, images, labels, alpha=cutmix_alpha, box=cutmix_box, **kwargs
+        )
     return {"image": images, "label": labels}
 
 
@@ -95,7 +110,7 @@ def make_train_step(
       aug_key: base key of the augmentation stream.
       state_sharding: sharding of the output state and sums (replicated on a mesh).
       **preprocess_kwargs: ``augment_name``, ``mean``, ``std``, ``num_classes``,
-        ``cutmix_alpha`` (see :func:`preprocess`).
+        ``cutmix_alpha``, ``cutmix_box`` (see :func:`preprocess`).
     """
     fn = functools.partial(
         _train_step, sadt_config=sadt_config, aug_key=aug_key, preprocess_kwargs=preprocess_kwargs
