@@ -164,6 +164,36 @@ def test_load_dataset_splits_on_fake_files(tmp_path):
         data.load_dataset("fashion_mnist", data_dir=str(tmp_path), num_validation=10)
 
 
+def test_release_split_leaves_one_test_image_out(tmp_path):
+    # The release: validation = test images 0..V-1, test = V+1..end (image V unused).
+    arrays = _write_fake_fmnist(tmp_path, num_train=20, num_test=10)
+    ds = data.load_dataset("fashion_mnist", data_dir=str(tmp_path), num_validation=4, test_skip=1)
+    test_images, test_labels = arrays["test"]
+    np.testing.assert_array_equal(ds.val_images[..., 0], test_images[:4])
+    np.testing.assert_array_equal(ds.test_images[..., 0], test_images[5:])
+    np.testing.assert_array_equal(ds.test_labels, test_labels[5:])
+    assert (ds.num_val, ds.num_test) == (4, 5)
+    with pytest.raises(DatasetError, match="test_skip"):
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path), num_validation=9, test_skip=1)
+    with pytest.raises(DatasetError, match="negative"):
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path), test_skip=-1)
+
+
+def test_normalization_constants(tmp_path):
+    _write_fake_fmnist(tmp_path)
+    ds = data.load_dataset("fashion_mnist", data_dir=str(tmp_path), num_validation=4)
+    mean, std = data.normalization_constants(ds, "standardize")
+    assert mean is ds.mean and std is ds.std
+    mean, std = data.normalization_constants(ds, "scale")
+    images = ds.train_images[:3]
+    # The release's float32(x) / 255, up to XLA's division rounding (1 ulp).
+    np.testing.assert_allclose(
+        augment.normalize(images, mean, std), images.astype(np.float32) / 255, rtol=2e-7
+    )
+    with pytest.raises(ValueError, match="standardize, scale"):
+        data.normalization_constants(ds, "minmax")
+
+
 def test_fake_files_label_count_mismatch(tmp_path):
     _write_fake_fmnist(tmp_path)
     _write_gz(tmp_path / "train-labels-idx1-ubyte.gz", _idx_bytes(np.zeros((7,), np.uint8)))

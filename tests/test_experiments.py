@@ -38,8 +38,12 @@ def test_fashion_mnist_suite_grid():
 def test_paper_and_sensitivity_grids():
     paper = suites.suite_cells("paper")
     assert len(paper) == 2 * 4 * 7 * 2
-    assert paper[0].config == "configs/cifar10.py:base,b512"
-    assert ("model.name", "simple_cnn") in paper[0].overrides
+    assert paper[0].config == "configs/cifar10.py:base,b512,release"
+    assert ("model.name", "release_simple_cnn") in paper[0].overrides
+    clean = suites.suite_cells("paper_clean")
+    assert clean[0].config == "configs/cifar10.py:base,b512" and len(clean) == len(paper)
+    assert ("model.name", "simple_cnn") in clean[0].overrides
+    assert clean[0].workdir("r") == os.path.join("r", "paper_clean", paper[0].name)
     assert len(suites.suite_cells("paper", seeds=[0, 1])) == 224
 
     sens = suites.suite_cells("sensitivity")

@@ -192,7 +192,7 @@ def normalization_constants(dataset: Dataset, normalization: str) -> tuple[np.nd
     Args:
       dataset: the loaded :class:`Dataset`.
       normalization: ``"standardize"`` (per-channel mean and standard deviation of the training
-        images) or ``"scale"`` (mean 0, std 255: ``x / 255`` exactly, as the release does).
+        images) or ``"scale"`` (mean 0, std 255: ``x / 255``, as the release does).
 
     Returns:
       ``(mean, std)``, ``float32`` arrays of shape ``(C,)`` in pixel units.
