@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sadt_jax.algorithm.state import TrainState
-from sadt_jax.data import Dataset, load_dataset, pipeline
-from sadt_jax.train import builders, steps
+from sadt_jax.data import Dataset
+from sadt_jax.train import builders, protocol, steps
 from sadt_jax.train.checkpointing import Checkpointer
 
 __all__ = ["RestoredRun", "load_run_config", "restore_run"]
@@ -80,14 +80,9 @@ def restore_run(workdir: str, *, dataset: Dataset | None = None) -> RestoredRun:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    ds = dataset or load_dataset(
-        config.data.name,
-        data_dir=config.data.get("data_dir"),
-        num_validation=config.data.num_validation,
-        max_train_examples=config.data.get("max_train_examples"),
-    )
+    ds = dataset or protocol.load_data(config)  # the run's split (release_split too)
     sadt_config = builders.resolve_sadt_config(config)
-    steps_per_epoch = pipeline.steps_per_epoch(ds.num_train, config.batch_size)
+    steps_per_epoch = protocol.steps_per_epoch(config, ds.num_train)
     model = builders.build_model(config, ds.num_classes)
     tx = builders.build_optimizer(config, steps_per_epoch)
 
