@@ -89,6 +89,21 @@ def test_protocol_fields_are_validated():
     assert "data.order='shuffle'" in str(e.value) and "selection.first_epoch=0" in str(e.value)
 
 
+def test_partial_batch_must_split_over_devices(monkeypatch):
+    config = cifar10.get_config("base,release")  # batch 512: CIFAR's remainder is 336
+    monkeypatch.setattr(protocol.jax, "device_count", lambda: 16)
+    protocol.validate_against_data(config, 50_000)  # 336 = 16 x 21
+    with pytest.raises(ConfigError, match="partial last batch of 16 examples .* 32 devices"):
+        monkeypatch.setattr(protocol.jax, "device_count", lambda: 32)
+        protocol.validate_against_data(config, 50_000 - 320)
+    monkeypatch.setattr(protocol.jax, "device_count", lambda: 16)
+    config.sadt.m_sharpness = 4
+    with pytest.raises(ConfigError, match="m_sharpness=4 does not divide .* 21 examples"):
+        protocol.validate_against_data(config, 50_000)
+    config.data.drop_remainder = True
+    protocol.validate_against_data(config, 50_000)
+
+
 # ----------------------------------------------------------------------------- the shuffle
 
 
@@ -475,8 +490,10 @@ def test_release_protocol_mock_cifar10_end_to_end(tmp_path, monkeypatch, compila
     if epoch:
         assert selected["test_accuracy"] == rows[epoch - 1]["test_accuracy"]
     assert 0.0 <= selected["test_accuracy"] <= 1.0
-    n_test = round(1 / min(np.diff(sorted({r["test_accuracy"] for r in rows} | {0.0, 1.0}))))
-    assert n_test % 59 == 0 or n_test > 59  # accuracies are multiples of 1/59 (images 41-99)
+    # Test = images 41-99 (image 40 unused): every accuracy is a multiple of 1/59 (not 1/60).
+    accuracies = [r["test_accuracy"] for r in rows]
+    assert all(abs(a * 59 - round(a * 59)) < 1e-9 for a in accuracies)
+    assert any(0 < a < 1 for a in accuracies)
 
     # Preempt in the middle of epoch 3 (after its 2nd step), then resume.
     calls = {"n": 0}

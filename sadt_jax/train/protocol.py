@@ -96,6 +96,16 @@ def validate_against_data(config: Any, num_train: int) -> None:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    m = config.sadt.get("m_sharpness")
+    remainder = num_train % config.batch_size
+    if m and remainder and not _field(config, "data", "drop_remainder", True):
+        per_device = remainder // jax.device_count()
+        if per_device % m:
+            raise ConfigError(
+                f"sadt.m_sharpness={m} does not divide the partial last batch's {per_device} "
+                f"examples per device ({num_train} mod batch_size={config.batch_size}); set "
+                "data.drop_remainder=True or pick a batch size whose remainder splits into groups"
+            )
 
 
 def load_data(config: Any) -> Dataset:
