@@ -95,6 +95,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     config.optim.nesterov = False
     config.optim.weight_decay = 0.0
     config.optim.adam_eps = 1e-7
+    config.optim.adam_eps_placement = "optax"  # "optax" | "keras" (before bias correction)
     config.optim.agc_clip = 0.01
 
     config.sadt = ml_collections.ConfigDict({k: placeholder(t) for k, t in SADT_FIELDS.items()})
