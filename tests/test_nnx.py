@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -244,3 +246,31 @@ def test_nnx_cnn_trains_with_the_sam_transformation():
         params, stats, opt_state, ce = step(params, stats, opt_state, jax.random.PRNGKey(i))
         history.append(float(ce))
     assert history[-1] < history[0] - 0.05, history
+
+
+def test_m_sharpness_vmaps_the_adapter():
+    model = TinyCNN(rngs=nnx.Rngs(0))
+    apply_fn, variables = linen_style_apply(model)
+    state = sadt_jax.TrainState.create(
+        apply_fn=apply_fn,
+        variables=variables,
+        tx=sadt_jax.make_optimizer("sadt_t1"),
+        key=jax.random.PRNGKey(3),
+    )
+    config = sadt_jax.method_config("sadt_t1", m_sharpness=8)
+    state, metrics = jax.jit(functools.partial(sadt_jax.sadt_update, config=config))(
+        state, _batch()
+    )
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["perturbation_norm"]) > 0
+
+
+def test_docs_nnx_example_runs(capsys):
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    with open(os.path.join(docs, "nnx.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks, "docs/nnx.md has no python block"
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "docs/nnx.md", "exec"), namespace)
+    assert int(namespace["state"].step) == 3
+    assert 0.0 <= float(namespace["accuracy"]) <= 1.0
+    assert "sam ce" in capsys.readouterr().out
