@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["DEFAULT_COLLECTIONS", "linen_style_apply", "update_model"]
@@ -89,7 +90,7 @@ def _reseed(module: nnx.Module, rngs: Mapping[str, jax.Array]) -> None:
         if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
         stream.key.set_value(jax.random.fold_in(key, index))
-        stream.count.set_value(jax.numpy.zeros_like(stream.count.get_value()))
+        stream.count.set_value(jnp.zeros_like(stream.count.get_value()))
 
 
 def linen_style_apply(
