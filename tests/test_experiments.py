@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import aggregate, run_suite, suites
+from experiments import aggregate, plots, run_suite, stats, suites, workdirs
 
 # ---- Suites ------------------------------------------------------------------------------
 
@@ -255,12 +255,12 @@ def test_teacher_every_reuses_fashion_mnist_runs(synthetic_suite, tmp_path):
 
 
 def test_mean_std_edge_cases():
-    assert aggregate.mean_std([]) == (None, None, 0)
-    assert aggregate.mean_std([0.5, None]) == (0.5, None, 1)
-    m, s, n = aggregate.mean_std([1.0, 2.0, 3.0])
+    assert stats.mean_std([]) == (None, None, 0)
+    assert stats.mean_std([0.5, None]) == (0.5, None, 1)
+    m, s, n = stats.mean_std([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and s == pytest.approx(1.0)
-    assert aggregate.fmt_ms(0.5, None, scale=100) == "50.00"
-    assert aggregate.fmt_ms(None, None) == "–"
+    assert stats.fmt_ms(0.5, None, scale=100) == "50.00"
+    assert stats.fmt_ms(None, None) == "–"
 
 
 def test_aggregate_sharpness(synthetic_suite, tmp_path):
@@ -486,6 +486,6 @@ def test_aggregate_paper_pivot(tmp_path):
     # base: 0.40 + 0.01 i (i = 0, 1, then 2, 3 for resnet56) minus the 0.01 test offset.
     assert rows[0].split(" | ")[1:3] == ["39.00 (n=1)", "41.00 (n=1)"]
     assert rows[0].split(" | ")[7:9] == ["43.00 (n=1)", "45.00 (n=1)"]
-    groups = aggregate._by_key(aggregate.collect_runs(suites.suite_cells("paper"), root))
-    bars = aggregate.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
+    groups = workdirs.group_runs(workdirs.collect_runs(suites.suite_cells("paper"), root))
+    bars = plots.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
     assert os.path.getsize(bars) > 0
