@@ -40,17 +40,27 @@ Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
 from experiments import suites
 from experiments.jsonio import write_text
-from experiments.plots import plot_bars, plot_curves, plot_final, plot_sharpness_vs_accuracy
+from experiments.plots import (
+    plot_bars,
+    plot_curves,
+    plot_differences,
+    plot_final,
+    plot_sharpness_vs_accuracy,
+)
+from experiments.stats import PairedDifference
 from experiments.tables import (
+    REFERENCE_METRICS,
     Table,
     accuracy_table,
     convergence_table,
+    paired_differences,
     pivot_table,
     provenance,
     reference_table,
@@ -82,6 +92,203 @@ def canonical_command(
     return " ".join(parts)
 
 
+def _spread(groups, group: str) -> str:
+    """ "mean ± std over seeds" when some row of ``group`` has more than one finished run."""
+    n = max(
+        (sum(r.finished for r in runs) for (g, _, _), runs in groups.items() if g == group),
+        default=0,
+    )
+    return "mean ± std over seeds" if n > 1 else "one seed: no spread shown"
+
+
+def _training_tables(suite, runs, groups) -> list[Table]:
+    group_names = list(dict.fromkeys(k[0] for k in groups))
+    tables = [accuracy_table(groups)]
+    for g in group_names:
+        tables.append(pivot_table(groups, g, "best_val_test", "Test accuracy @ best val loss"))
+        tables.append(pivot_table(groups, g, "final_test", "Final test accuracy"))
+    tables.append(convergence_table(groups, suite.thresholds, accuracy_key(runs)))
+    tables += [t for ref in suite.references if (t := reference_table(groups, ref)) is not None]
+    return tables + [runs_table(runs)]
+
+
+def _training_figures(suite, runs, groups, results_dir) -> list[tuple[str, str]]:
+    acc_key = accuracy_key(runs)
+    acc_name = acc_key.replace("_", " ")
+    figures = []
+    for g in dict.fromkeys(k[0] for k in groups):
+        p = lambda name, g=g: os.path.join(results_dir, f"{name}_{g}.png")
+        spread = _spread(groups, g)
+        figures += [
+            (
+                "Validation accuracy vs epoch",
+                plot_curves(
+                    groups,
+                    g,
+                    acc_key,
+                    "epoch",
+                    "validation accuracy (%)",
+                    p("curves_val"),
+                    f"{suite.name}: {acc_name} ({spread})",
+                ),
+            ),
+            (
+                "Test accuracy vs epoch",
+                plot_curves(
+                    groups,
+                    g,
+                    "test_accuracy",
+                    "epoch",
+                    "test accuracy (%)",
+                    p("curves_test"),
+                    f"{suite.name}: test accuracy ({spread})",
+                ),
+            ),
+            (
+                "Validation loss vs epoch",
+                plot_curves(
+                    groups,
+                    g,
+                    acc_key.replace("accuracy", "loss"),
+                    "epoch",
+                    "validation loss",
+                    p("loss_val"),
+                    f"{suite.name}: {acc_name.replace('accuracy', 'loss')} ({spread})",
+                    scale=1.0,
+                ),
+            ),
+            (
+                "Validation accuracy vs gradient evaluations (compute per step)",
+                plot_curves(
+                    groups,
+                    g,
+                    acc_key,
+                    "grads",
+                    "validation accuracy (%)",
+                    p("acc_vs_grads"),
+                    f"{suite.name}: {acc_name} vs forward+backward passes ({spread})",
+                ),
+            ),
+            (
+                "Validation accuracy vs training wall-clock",
+                plot_curves(
+                    groups,
+                    g,
+                    acc_key,
+                    "time",
+                    "validation accuracy (%)",
+                    p("acc_vs_time"),
+                    f"{suite.name}: {acc_name} vs training time ({spread})",
+                ),
+            ),
+            (
+                "Final and best-validation test accuracy",
+                plot_final(groups, g, p("final"), f"{suite.name}: test accuracy ({spread})"),
+            ),
+            (
+                "Bar chart (the paper's style)",
+                plot_bars(
+                    groups,
+                    g,
+                    p("bars"),
+                    f"{suite.name}: test accuracy @ best validation loss ({spread})",
+                ),
+            ),
+        ]
+        for ref in suite.references:
+            rows = []
+            for (group, setting, label), _, diffs, _ in paired_differences(groups, ref):
+                if group != g:
+                    continue
+                settings = {k[1] for k in groups if k[0] == g}
+                name = label if len(settings) == 1 else f"{label} ({setting})"
+                for metric, title in REFERENCE_METRICS:
+                    d = diffs[metric]
+                    rows.append((name, title.removeprefix("Δ ").removesuffix(" (pp)"), _pp(d)))
+            if any(d.ci_low is not None for _, _, d in rows):
+                figures.append(
+                    (
+                        f"Seed-paired differences to {ref} (95 % CI)",
+                        plot_differences(
+                            rows,
+                            ref,
+                            p(f"vs_{ref}"),
+                            f"{suite.name}: seed-paired differences to {ref}",
+                        ),
+                    )
+                )
+    return figures
+
+
+def _pp(d: PairedDifference) -> PairedDifference:
+    """A paired difference of accuracies in percentage points."""
+    scale = lambda x: None if x is None else 100.0 * x
+    return dataclasses.replace(
+        d, mean=scale(d.mean), std=scale(d.std), ci_low=scale(d.ci_low), ci_high=scale(d.ci_high)
+    )
+
+
+def _sharpness_rhos(runs) -> list[str]:
+    return sorted(
+        {k for r in runs if r.sharpness for k in r.sharpness["worst_case_loss_increase"]},
+        key=float,
+    )
+
+
+def _sharpness_tables(suite, runs, groups) -> list[Table]:
+    rhos = _sharpness_rhos(runs)
+    tables = [sharpness_table(groups, rhos)]
+    for ref in suite.references:
+        t = sharpness_reference_table(groups, ref, rhos)
+        if t is not None:
+            tables.append(t)
+    return tables + [runs_table(runs, rhos)]
+
+
+def _sharpness_figures(suite, runs, groups, results_dir) -> list[tuple[str, str]]:
+    figures = []
+    for g in dict.fromkeys(k[0] for k in groups):
+        spread = _spread(groups, g)
+        figures.append(
+            (
+                "Top Hessian eigenvalue",
+                plot_bars(
+                    groups,
+                    g,
+                    os.path.join(results_dir, f"sharpness_{g}.png"),
+                    f"{suite.name}: top Hessian eigenvalue of the final models ({spread})",
+                    metric="lambda_max",
+                    ylabel="top Hessian eigenvalue",
+                ),
+            )
+        )
+        for rho in _sharpness_rhos(runs):
+            figures.append(
+                (
+                    f"Worst-case loss increase, rho={rho}",
+                    plot_bars(
+                        groups,
+                        g,
+                        os.path.join(results_dir, f"worst_case_{rho}_{g}.png"),
+                        f"{suite.name}: worst-case loss increase, rho={rho} ({spread})",
+                        metric=f"worst_case_{rho}",
+                        ylabel="loss increase",
+                    ),
+                )
+            )
+    figures.append(
+        (
+            "Sharpness vs accuracy",
+            plot_sharpness_vs_accuracy(
+                runs,
+                os.path.join(results_dir, "sharpness_vs_accuracy.png"),
+                f"{suite.name}: one point per run",
+            ),
+        )
+    )
+    return figures
+
+
 def aggregate_suite(
     suite_name: str,
     root: str,
@@ -111,126 +318,12 @@ def aggregate_suite(
     prov = provenance(runs, command, suite)
     groups = group_runs(runs)
     os.makedirs(results_dir, exist_ok=True)
-    tables: list[Table] = []
-    figures: list[tuple[str, str]] = []
-    group_names = list(dict.fromkeys(k[0] for k in groups))
     if suite.kind == "train":
-        acc_key = accuracy_key(runs)
-        tables.append(accuracy_table(groups))
-        for g in group_names:
-            tables.append(pivot_table(groups, g, "best_val_test", "Test accuracy @ best val loss"))
-            tables.append(pivot_table(groups, g, "final_test", "Final test accuracy"))
-        tables.append(convergence_table(groups, suite.thresholds, acc_key))
-        for ref in suite.references:
-            t = reference_table(groups, ref)
-            if t is not None:
-                tables.append(t)
-        if plots:
-            for g in group_names:
-                p = lambda name, g=g: os.path.join(results_dir, f"{name}_{g}.png")
-                figures += [
-                    (
-                        "Validation accuracy vs epoch",
-                        plot_curves(
-                            groups,
-                            g,
-                            acc_key,
-                            "epoch",
-                            "validation accuracy (%)",
-                            p("curves_val"),
-                            f"{suite.name}: {acc_key.replace('_', ' ')} (mean ± std over seeds)",
-                        ),
-                    ),
-                    (
-                        "Test accuracy vs epoch",
-                        plot_curves(
-                            groups,
-                            g,
-                            "test_accuracy",
-                            "epoch",
-                            "test accuracy (%)",
-                            p("curves_test"),
-                            f"{suite.name}: test accuracy (mean ± std over seeds)",
-                        ),
-                    ),
-                    (
-                        "Validation accuracy vs training wall-clock",
-                        plot_curves(
-                            groups,
-                            g,
-                            acc_key,
-                            "time",
-                            "validation accuracy (%)",
-                            p("acc_vs_time"),
-                            f"{suite.name}: accuracy vs training time (mean over seeds)",
-                        ),
-                    ),
-                    (
-                        "Final and best-validation test accuracy",
-                        plot_final(
-                            groups, g, p("final"), f"{suite.name}: test accuracy (mean ± std)"
-                        ),
-                    ),
-                    (
-                        "Bar chart (the paper's style)",
-                        plot_bars(
-                            groups,
-                            g,
-                            p("bars"),
-                            f"{suite.name}: test accuracy @ best validation loss (mean ± std)",
-                        ),
-                    ),
-                ]
+        tables = _training_tables(suite, runs, groups)
+        figures = _training_figures(suite, runs, groups, results_dir) if plots else []
     else:
-        rhos = sorted(
-            {k for r in runs if r.sharpness for k in r.sharpness["worst_case_loss_increase"]},
-            key=float,
-        )
-        tables.append(sharpness_table(groups, rhos))
-        for ref in suite.references:
-            t = sharpness_reference_table(groups, ref, rhos)
-            if t is not None:
-                tables.append(t)
-        if plots:
-            for g in group_names:
-                figures.append(
-                    (
-                        "Top Hessian eigenvalue",
-                        plot_bars(
-                            groups,
-                            g,
-                            os.path.join(results_dir, f"sharpness_{g}.png"),
-                            f"{suite.name}: top Hessian eigenvalue of the final models",
-                            metric="lambda_max",
-                            ylabel="top Hessian eigenvalue",
-                        ),
-                    )
-                )
-                for rho in rhos:
-                    figures.append(
-                        (
-                            f"Worst-case loss increase, rho={rho}",
-                            plot_bars(
-                                groups,
-                                g,
-                                os.path.join(results_dir, f"worst_case_{rho}_{g}.png"),
-                                f"{suite.name}: worst-case loss increase, rho={rho}",
-                                metric=f"worst_case_{rho}",
-                                ylabel="loss increase",
-                            ),
-                        )
-                    )
-            figures.append(
-                (
-                    "Sharpness vs accuracy",
-                    plot_sharpness_vs_accuracy(
-                        runs,
-                        os.path.join(results_dir, "sharpness_vs_accuracy.png"),
-                        f"{suite.name}: one point per run",
-                    ),
-                )
-            )
-    tables.append(runs_table(runs))
+        tables = _sharpness_tables(suite, runs, groups)
+        figures = _sharpness_figures(suite, runs, groups, results_dir) if plots else []
 
     written = []
     report = [f"# Results: suite `{suite.name}`{' (smoke)' if smoke else ''}", ""]

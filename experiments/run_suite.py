@@ -8,6 +8,8 @@ Every cell is run as its own process, exactly the command a user would type
   is skipped;
 * any other cell is (re)run with the same command, which resumes from its last
   checkpoint;
+* every attempt records the git commit of the code it runs (and whether tracked files
+  had uncommitted changes) in ``suite_run.json``; the tables show it;
 * a failed cell is recorded (``<workdir>/suite_run.json``, the suite's
   ``_runs.jsonl``, and the status table of the results) and the suite goes on;
 * order is seed-major (every cell of seed 0, then seed 1, ...) so a partial suite
@@ -48,7 +50,7 @@ from experiments.jsonio import read_json, write_json
 from experiments.suites import Cell
 from experiments.workdirs import STATUS_FILE, cell_state
 
-__all__ = ["cell_state", "host_info", "main", "run_cells"]
+__all__ = ["cell_state", "git_info", "host_info", "main", "run_cells"]
 
 #: ``launcher(argv, log_path, cwd) -> returncode``; replaced in tests.
 Launcher = Callable[[Sequence[str], str, str], int]
@@ -73,6 +75,23 @@ def host_info() -> dict[str, Any]:
         else os.cpu_count(),
         "platform": platform.system() + " " + platform.machine(),
     }
+
+
+def git_info(repo: str) -> dict[str, Any]:
+    """The code a cell runs: ``{"commit": <sha>, "dirty": <uncommitted changes to tracked
+    files>}``, or ``{}`` when ``repo`` is not a git checkout (or git is missing)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", repo, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty}
 
 
 def subprocess_launcher(argv: Sequence[str], log_path: str, cwd: str) -> int:
@@ -176,6 +195,7 @@ def run_cells(
         attempts = list(status.get("attempts") or [])
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         attempt = {"started": started, "host": host_info(), "command": argv, "resumed": state}
+        attempt["git"] = git_info(repo)
         attempts.append(attempt)
         write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
         log_path = os.path.join(workdir, "log.txt")

@@ -12,16 +12,27 @@ import io
 from collections.abc import Sequence
 
 from experiments import suites
-from experiments.stats import fmt_ms, fmt_num, mean_std, reach
+from experiments.stats import (
+    PairedDifference,
+    fmt_ci,
+    fmt_ms,
+    fmt_num,
+    fmt_p,
+    mean_std,
+    paired_difference,
+    reach,
+)
 from experiments.workdirs import Run, run_metric, sharpness_value
 
 __all__ = [
     "ACC_METRICS",
     "INIT_NOTE",
+    "REFERENCE_METRICS",
     "STATS_NOTE",
     "Table",
     "accuracy_table",
     "convergence_table",
+    "paired_differences",
     "pivot_table",
     "provenance",
     "reference_table",
@@ -206,72 +217,92 @@ def seed_pairs(groups: dict[tuple[str, str, str], list[Run]], reference: str):
         )
 
 
-def reference_table(groups: dict[tuple[str, str, str], list[Run]], reference: str) -> Table | None:
-    """Seed-paired differences of every row to ``reference`` (same setting)."""
-    md_rows, csv_rows = [], []
-    for (group, setting, label), pairs in seed_pairs(groups, reference):
-        md, row = [group, setting, label, str(len(pairs))], [group, setting, label, str(len(pairs))]
-        for metric in ("best_val_test", "final_test"):
-            diffs = [
-                run_metric(a, metric) - run_metric(b, metric)
+REFERENCE_METRICS = (
+    ("best_val_test", "Δ test acc @ best val (pp)"),
+    ("final_test", "Δ final test acc (pp)"),
+)
+
+
+def paired_differences(
+    groups: dict[tuple[str, str, str], list[Run]], reference: str
+) -> list[tuple[tuple[str, str, str], int, dict[str, PairedDifference], PairedDifference]]:
+    """For every row with a ``reference`` row in its setting: ``(key, pairs, {metric:
+    difference}, time ratio)``; differences of accuracies in fractions (x 100 for pp)."""
+    out = []
+    for key, pairs in seed_pairs(groups, reference):
+        diffs = {}
+        for metric, _ in REFERENCE_METRICS:
+            diffs[metric] = paired_difference(
+                [
+                    run_metric(a, metric) - run_metric(b, metric)
+                    for a, b in pairs
+                    if run_metric(a, metric) is not None and run_metric(b, metric) is not None
+                ]
+            )
+        ratio = paired_difference(
+            [
+                run_metric(a, "train_time") / run_metric(b, "train_time")
                 for a, b in pairs
-                if run_metric(a, metric) is not None and run_metric(b, metric) is not None
+                if run_metric(a, "train_time") and run_metric(b, "train_time")
             ]
-            m, s, _ = mean_std(diffs)
-            wins = sum(d > 0 for d in diffs)
-            md += [fmt_ms(m, s, scale=100.0), f"{wins}/{len(diffs)}"]
-            row += [fmt_num(m), fmt_num(s), str(wins)]
-        ratios = [
-            run_metric(a, "train_time") / run_metric(b, "train_time")
-            for a, b in pairs
-            if run_metric(a, "train_time") and run_metric(b, "train_time")
-        ]
-        m, s, _ = mean_std(ratios)
-        md.append(fmt_ms(m, s))
-        row += [fmt_num(m), fmt_num(s)]
+        )
+        out.append((key, len(pairs), diffs, ratio))
+    return out
+
+
+def reference_table(groups: dict[tuple[str, str, str], list[Run]], reference: str) -> Table | None:
+    """Seed-paired differences of every row to ``reference`` (same setting), with 95 % CIs."""
+    md_rows, csv_rows = [], []
+    for (group, setting, label), n, diffs, ratio in paired_differences(groups, reference):
+        md, row = [group, setting, label, str(n)], [group, setting, label, str(n)]
+        for metric, _ in REFERENCE_METRICS:
+            d = diffs[metric]
+            md += [
+                fmt_ms(d.mean, d.std, scale=100.0, signed=True),
+                fmt_ci(d, scale=100.0),
+                fmt_p(d.p_value),
+                f"{d.wins}/{d.n}",
+            ]
+            row += [fmt_num(d.mean), fmt_num(d.std), fmt_num(d.ci_low), fmt_num(d.ci_high)]
+            row += [fmt_num(d.p_value), str(d.wins)]
+        md.append(fmt_ms(ratio.mean, ratio.std))
+        row += [fmt_num(ratio.mean), fmt_num(ratio.std)]
         md_rows.append(md)
         csv_rows.append(row)
     if not md_rows:
         return None
+    md_header = ["group", "setting", "method", "pairs"]
+    csv_header = ["group", "setting", "label", "pairs"]
+    for metric, title in REFERENCE_METRICS:
+        md_header += [f"{title} vs {reference}", "95 % CI", "p", "wins"]
+        csv_header += [f"d_{metric}_{k}" for k in ("mean", "std", "ci_low", "ci_high", "p")]
+        csv_header.append(f"d_{metric}_wins")
+    md_header.append(f"train time / {reference}")
+    csv_header += ["time_ratio_mean", "time_ratio_std"]
     return Table(
         f"vs_{reference}",
         f"Seed-paired comparison with {reference}",
-        [
-            "group",
-            "setting",
-            "method",
-            "pairs",
-            f"Δ test acc @ best val (pp) vs {reference}",
-            "wins",
-            f"Δ final test acc (pp) vs {reference}",
-            "wins",
-            f"train time / {reference}",
-        ],
+        md_header,
         md_rows,
-        [
-            "group",
-            "setting",
-            "label",
-            "pairs",
-            "d_best_val_test_mean",
-            "d_best_val_test_std",
-            "d_best_val_test_wins",
-            "d_final_test_mean",
-            "d_final_test_std",
-            "d_final_test_wins",
-            "time_ratio_mean",
-            "time_ratio_std",
-        ],
+        csv_header,
         csv_rows,
         notes=[
             f"Each run is compared with the {reference} run of the same seed (same initial "
-            "weights and data order); Δ in percentage points, mean ± std over seeds; wins = "
-            "seeds where the method is higher."
+            "weights and data order); Δ in percentage points, mean ± std over seeds; 95 % CI: "
+            "t interval of the mean paired difference (t with pairs − 1 degrees of freedom); "
+            "p: two-sided paired t-test; wins = seeds where the method is higher."
         ],
     )
 
 
-def runs_table(runs: Sequence[Run]) -> Table:
+def runs_table(runs: Sequence[Run], rhos: Sequence[str] = ()) -> Table:
+    """One row per planned run: its state, its numbers and the code it ran.
+
+    With ``rhos`` (the sharpness suite) each row also has the run's sharpness
+    measurements: top Hessian eigenvalue, whether the power iteration converged and in
+    how many Hessian-vector products, the worst-case loss increase per radius and the
+    loss on the batch.
+    """
     header = [
         "cell",
         "group",
@@ -286,8 +317,11 @@ def runs_table(runs: Sequence[Run]) -> Table:
         "final test acc",
         "final val acc",
         "train time (s)",
-        "last attempt",
     ]
+    if rhos:
+        header += ["top Hessian eigenvalue", "converged", "HVPs"]
+        header += [f"worst-case loss increase, rho={r}" for r in rhos] + ["loss on the batch"]
+    header += ["git commit", "last attempt"]
     md_rows, csv_rows = [], []
     for r in runs:
         c = r.cell
@@ -296,33 +330,52 @@ def runs_table(runs: Sequence[Run]) -> Table:
         tt = run_metric(r, "train_time") if r.summary else None
         epochs = (r.summary or {}).get("epochs", len(r.history))
         base = [c.name, c.group, c.setting, c.label, c.method, str(c.seed), r.state, str(epochs)]
-        md_rows.append(
-            base
-            + ["–" if vals[0] is None else str(vals[0])]
-            + [fmt_ms(v, None, scale=100.0) for v in vals[1:]]
-            + [fmt_ms(tt, None, digits=1), r.outcome or "–"]
-        )
-        csv_rows.append(
-            base
-            + ["" if vals[0] is None else str(vals[0])]
-            + [fmt_num(v) for v in vals[1:]]
-            + [fmt_num(tt, 3), r.outcome]
-        )
+        md = base + ["–" if vals[0] is None else str(vals[0])]
+        md += [fmt_ms(v, None, scale=100.0) for v in vals[1:]] + [fmt_ms(tt, None, digits=1)]
+        row = base + ["" if vals[0] is None else str(vals[0])]
+        row += [fmt_num(v) for v in vals[1:]] + [fmt_num(tt, 3)]
+        if rhos:
+            h = (r.sharpness or {}).get("hessian") or {}
+            conv = h.get("converged")
+            iters = h.get("num_iters")
+            worst = [sharpness_value(r, f"worst_case_{rho}") for rho in rhos]
+            loss = (r.sharpness or {}).get("loss")
+            lam = sharpness_value(r, "lambda_max")
+            md += [fmt_ms(lam, None, digits=2), "–" if conv is None else ("yes" if conv else "no")]
+            md += ["–" if iters is None else str(iters)]
+            md += [fmt_ms(w, None, digits=4) for w in worst] + [fmt_ms(loss, None, digits=4)]
+            row += [fmt_num(lam), "" if conv is None else str(bool(conv))]
+            row += ["" if iters is None else str(iters)]
+            row += [fmt_num(w) for w in worst] + [fmt_num(loss)]
+        md += [r.commit or "–", r.outcome or "–"]
+        row += [r.commit, r.outcome]
+        md_rows.append(md)
+        csv_rows.append(row)
+    csv_header = [h.replace(" ", "_") for h in header]
+    if rhos:
+        i = csv_header.index("top_Hessian_eigenvalue")
+        keys = ["lambda_max", "converged", "hvps", *(f"worst_case_{r}" for r in rhos), "loss"]
+        csv_header[i : i + len(keys)] = keys
     return Table(
         "runs",
         "Runs (every planned cell; only state 'done' enters the statistics)",
         header,
         md_rows,
-        [h.replace(" ", "_") for h in header],
+        csv_header,
         csv_rows,
+        notes=[
+            "git commit: the code the run's last attempt ran, as recorded by "
+            "experiments.run_suite ('+dirty': uncommitted changes; '–': not recorded)."
+        ],
     )
 
 
 def sharpness_table(groups: dict[tuple[str, str, str], list[Run]], rhos: Sequence[str]) -> Table:
-    md_header = ["group", "setting", "method", "n", "top Hessian eigenvalue"]
+    md_header = ["group", "setting", "method", "n", "top Hessian eigenvalue", "converged"]
     md_header += [f"worst-case loss increase, rho={r}" for r in rhos]
     md_header += ["loss on the batch", "test acc @ best val", "final test acc"]
     csv_header = ["group", "setting", "label", "n", "lambda_max_mean", "lambda_max_std"]
+    csv_header.append("converged")
     for r in rhos:
         csv_header += [f"worst_case_{r}_mean", f"worst_case_{r}_std"]
     csv_header += ["loss_mean", "loss_std", "best_val_test_mean", "best_val_test_std"]
@@ -339,6 +392,10 @@ def sharpness_table(groups: dict[tuple[str, str, str], list[Run]], rhos: Sequenc
             row.extend([fmt_num(m), fmt_num(s)])
 
         add([r.sharpness["hessian"]["top_eigenvalue"] for r in done], digits=2)
+        flags = [r.sharpness["hessian"].get("converged") for r in done]
+        known = [f for f in flags if f is not None]
+        md.append(f"{sum(map(bool, known))}/{len(known)}" if known else "–")
+        row.append(str(sum(map(bool, known))) if known else "")
         for rho in rhos:
             add([r.sharpness["worst_case_loss_increase"].get(rho) for r in done], digits=4)
         add([r.sharpness["loss"] for r in done], digits=4)
@@ -432,6 +489,7 @@ def provenance(runs: Sequence[Run], command: str, suite: suites.Suite) -> list[s
                 f"{h.get('cpu', '?')}, {h.get('cpu_count', '?')} logical CPUs "
                 f"({h.get('affinity_cpu_count', '?')} usable), {h.get('platform', '?')}"
             )
+    commits = [r.commit for r in done if r.commit]
     seeds = sorted({r.cell.seed for r in runs})
     lines = [
         f"Generated by: `{command}` (from the workdirs; rerun it to regenerate this file)",
@@ -440,6 +498,13 @@ def provenance(runs: Sequence[Run], command: str, suite: suites.Suite) -> list[s
         "Devices (summary.json): " + (_count(devices) if devices else "unknown"),
         "Host CPU (experiments.run_suite): " + (_count(hosts) if hosts else "unknown"),
         "Versions: " + (_count(versions) if versions else "unknown"),
+        "Code (git commit, experiments.run_suite): "
+        + (_count(commits) if commits else "not recorded")
+        + (
+            f" ({len(done) - len(commits)} runs not recorded)"
+            if 0 < len(commits) < len(done)
+            else ""
+        ),
         INIT_NOTE,
     ]
     if suite.kind == "train":

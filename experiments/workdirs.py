@@ -67,6 +67,7 @@ class Run:
     source_summary: dict[str, Any] | None = None
     hosts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     outcome: str = ""
+    commit: str = ""
 
     @property
     def finished(self) -> bool:
@@ -109,6 +110,14 @@ def discover_extra(
     return sorted(extra, key=lambda c: (c.seed, c.name))
 
 
+def _commit(attempt: dict[str, Any]) -> str:
+    """``"<sha>"`` or ``"<sha>+dirty"`` from an attempt's ``git`` record, or ``""``."""
+    git = attempt.get("git") or {}
+    if not git.get("commit"):
+        return ""
+    return git["commit"] + ("+dirty" if git.get("dirty") else "")
+
+
 def collect_runs(
     cells: Sequence[Cell],
     root: str,
@@ -127,6 +136,7 @@ def collect_runs(
         attempts = status.get("attempts") or []
         run.hosts = [a["host"] for a in attempts if a.get("host")]
         run.outcome = attempts[-1].get("outcome", "") if attempts else ""
+        run.commit = _commit(attempts[-1]) if attempts else ""
         if cell.kind == "train":
             run.history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
             run.timing = read_jsonl(os.path.join(workdir, "timing.jsonl"))
