@@ -19,6 +19,7 @@ __all__ = [
     "mean_std",
     "paired_difference",
     "reach",
+    "t_interval",
 ]
 
 
@@ -89,20 +90,25 @@ class PairedDifference:
     wins: int
 
 
-def paired_difference(diffs: Sequence[float | None], level: float = 0.95) -> PairedDifference:
-    """Summary of seed-paired differences (``a - b`` for each seed): mean, std, t CI, p."""
+def t_interval(
+    mean: float, std: float | None, n: int, *, wins: int = 0, level: float = 0.95
+) -> PairedDifference:
+    """The t interval and paired t-test of a mean difference from its mean, std and n."""
     from scipy import stats as scipy_stats
 
+    if std is None or n < 2:
+        return PairedDifference(n, mean, std, None, None, None, wins)
+    se = std / math.sqrt(n)
+    half = float(scipy_stats.t.ppf((1 + level) / 2, n - 1)) * se
+    p = float(2 * scipy_stats.t.sf(abs(mean) / se, n - 1)) if std > 0 else None
+    return PairedDifference(n, mean, std, mean - half, mean + half, p, wins)
+
+
+def paired_difference(diffs: Sequence[float | None], level: float = 0.95) -> PairedDifference:
+    """Summary of seed-paired differences (``a - b`` for each seed): mean, std, t CI, p."""
     xs = [float(d) for d in diffs if d is not None and math.isfinite(float(d))]
     m, s, n = mean_std(xs)
-    wins = sum(d > 0 for d in xs)
-    if s is None:
-        return PairedDifference(n, m, None, None, None, None, wins)
-    half = float(scipy_stats.t.ppf((1 + level) / 2, n - 1)) * s / math.sqrt(n)
-    p = None
-    if s > 0:
-        p = float(2 * scipy_stats.t.sf(abs(m) / (s / math.sqrt(n)), n - 1))
-    return PairedDifference(n, m, s, m - half, m + half, p, wins)
+    return t_interval(m, s, n, wins=sum(d > 0 for d in xs), level=level)
 
 
 def fmt_ci(d: PairedDifference, *, scale: float = 1.0, digits: int = 2) -> str:
