@@ -624,10 +624,11 @@ def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     Tables: mean ± std, seed-paired differences with 95 % t confidence intervals against
     ``base`` and ``base_2x``, and their plots.
 
-    Compute (an *estimate*): per seed 150 steps x ~19.8 Base-step equivalents (the step
-    costs of :data:`METHOD_COST`; ``base_steps2x`` counts twice) at ~0.38-0.5 s per Base
-    step of 256 on 2 CPU cores, plus evaluation and start-up: ~25-35 minutes per seed,
-    ~4-6 hours for the 10 seeds (``--dry_run`` prints the per-cell estimate).
+    Compute (an *estimate*): per seed 150 steps x ~17 (measured step ratios of
+    results/benchmark.md) to ~20 (:data:`METHOD_COST`) Base-step equivalents
+    (``base_steps2x`` counts twice) at ~0.38-0.5 s per Base step of 256 on 2 CPU cores, plus
+    evaluation and start-up: ~25-36 minutes per seed, ~4.2-6 hours for the 10 seeds
+    (``--dry_run`` prints the per-cell estimate of the conservative model).
     """
     cells = []
     for seed in seeds:
@@ -675,11 +676,12 @@ def overfit_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     so the gap between "test acc @ best val loss" and "final test acc" says how much
     selection mattered. Seeds 0-4; within a seed the same initial weights and batches.
 
-    Compute (an *estimate*, from results/benchmark.md: a Base step costs ~1.5 ms per image
-    on 2 quiet CPU cores, 1.7-1.8x that for SAM and SADT-T1/T3; the 6 methods sum to ~9.7
-    Base-step equivalents): per seed 960 steps x 128 images x 9.7 x 1.5-1.8 ms = 30-36
-    minutes of training, plus 6 x 20 evaluations of 10,000 images (~10 min) and start-up:
-    ~45 minutes per seed, ~3.5-4 hours for the 5 seeds (``--dry_run`` prints it per cell).
+    Compute (an *estimate*): results/benchmark.md measured a Base step at ~1.5 ms per image
+    on 2 quiet CPU cores and SAM, SADT-T1/T3 at 1.71-1.76x that, so the 6 methods sum to
+    ~9.7 Base-step equivalents; per seed 960 steps x 128 images x 9.7 x 1.5 ms = 30 minutes
+    of training, plus 6 x 20 evaluations of 10,000 images (~10 min) and start-up: ~42
+    minutes per seed, ~3.5 hours for the 5 seeds; ~5.2 hours with the suites' conservative
+    cost model (0.5 s per Base step of 256, :data:`METHOD_COST`), which ``--dry_run`` prints.
     ``jax.vmap`` over seeds would not pay off on 2 cores (the base step already keeps ~1.4
     of them busy; a vmapped step does the same FLOPs), so seeds run one after another.
     """
