@@ -22,15 +22,24 @@ provenance is in ``#`` lines: ``pandas.read_csv(path, comment="#")``):
 * ``convergence``: epochs and training wall-clock to reach each validation-accuracy
   threshold (mean over the seeds that reached it; k/n reached);
 * ``vs_<reference>``: seed-paired differences to a reference method (same initial
-  weights and data order): mean ± std of the difference, and wins;
-* ``runs``: one row per planned run, finished or not;
+  weights and data order): mean ± std of the difference, its 95 % t interval, the paired
+  t-test p, and wins;
+* ``runs``: one row per planned run, finished or not, with the git commit it ran;
 * plots per group: ``curves_val_<group>.png``, ``curves_test_<group>.png`` (accuracy
-  vs epoch, mean ± std band), ``acc_vs_time_<group>.png``, ``final_<group>.png``
-  (error bars), ``bars_<group>.png`` (the paper's bar chart).
+  vs epoch, mean ± std band), ``loss_val_<group>.png`` (validation loss vs epoch),
+  ``acc_vs_grads_<group>.png`` (vs forward+backward passes), ``acc_vs_time_<group>.png``
+  (vs training wall-clock), ``final_<group>.png`` (error bars), ``bars_<group>.png`` (the
+  paper's bar chart, from 0) and ``vs_<reference>_<group>.png`` (paired differences with
+  their intervals).
 
-The ``sharpness`` suite gets ``sharpness`` (top Hessian eigenvalue, worst-case loss
-increase per radius, with the test accuracies of the measured runs), ``runs``,
+The ``sharpness`` suite gets ``sharpness`` (top Hessian eigenvalue and how many power
+iterations converged, worst-case loss increase per radius, with the test accuracies of
+the measured runs), ``sharpness_vs_<reference>``, ``runs`` (every run's measurements),
 ``sharpness_<group>.png`` and ``sharpness_vs_accuracy.png``.
+
+This module orchestrates: reading the workdirs is :mod:`experiments.workdirs`, the
+statistics :mod:`experiments.stats`, the tables :mod:`experiments.tables`, the plots
+:mod:`experiments.plots`.
 
 Run::
 

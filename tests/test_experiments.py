@@ -388,6 +388,55 @@ def test_teacher_every_reuses_fashion_mnist_runs(synthetic_suite, tmp_path):
     assert int(rows["k=4"]["n"]) == 0
 
 
+def test_ablation_aggregation_outputs(tmp_path):
+    """Synthetic ablation runs (rdrop included, whatever this checkout defines) aggregate
+    into seed-paired tables with intervals against base and base_2x, and their plots."""
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    cells = suites.suite_cells("ablation", seeds=[0, 1, 2])
+    offsets = {"base": 0.0, "base_2x": 0.03, "rdrop": 0.02, "sadt_t1_kd0": 0.025}
+    for c in cells:
+        if c.label in offsets:
+            accs = [0.5 + offsets[c.label] + 0.01 * c.seed + 0.02 * e for e in range(3)]
+            _write_run(c.workdir(root), c, accs)
+    aggregate.aggregate_suite("ablation", root, out, seeds=[0, 1, 2])
+    vs = {r["label"]: r for r in _csv_rows(os.path.join(out, "vs_base_2x.csv"))}
+    assert float(vs["rdrop"]["d_final_test_mean"]) == pytest.approx(-0.01, abs=1e-6)
+    assert vs["rdrop"]["pairs"] == "3" and vs["sadt_t1_kd0"]["d_final_test_wins"] == "0"
+    runs = _csv_rows(os.path.join(out, "runs.csv"))
+    assert len(runs) == 33 and {r["seed"] for r in runs} == {"0", "1", "2"}
+    for png in ("vs_base_ablation.png", "vs_base_2x_ablation.png", "acc_vs_grads_ablation.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 0
+
+
+def test_claims_from_a_committed_runs_csv(tmp_path, capsys):
+    from experiments import claims
+
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    for c in suites.suite_cells("fashion_mnist"):
+        if c.method in ("base", "sadt_t1"):
+            accs = BASE_ACCS if c.method == "base" else T1_ACCS
+            _write_run(c.workdir(root), c, accs[c.seed])
+    aggregate.aggregate_suite("fashion_mnist", root, out, plots=False)
+    path = os.path.join(out, "runs.csv")
+    rows = claims.paired_rows(claims.read_table(path), ["base"], claims.METRIC)
+    t1 = next(r for r in rows if r[1] == "sadt_t1")
+    diffs = [T1_ACCS[s][-1] - BASE_ACCS[s][-1] for s in range(3)]
+    assert t1[3]["base"].mean == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert claims.main([f"--runs={path}", "--reference=base"]) == 0
+    text = capsys.readouterr().out
+    d = stats.paired_difference(diffs)
+    assert f"| {100 * d.mean:+.2f} ± {100 * d.std:.2f} | {stats.fmt_ci(d, scale=100.0)} |" in text
+    assert "seed std of test_acc_@_best_val: 2.00–2.00 pp" in text  # 70/72/74, 78/80/82 - 1
+    # From a paired summary (mean, std, pairs) the same interval.
+    summary = tmp_path / "paired.csv"
+    summary.write_text(
+        f"# t\nlabel,pairs,d_x_mean,d_x_std\nsadt_t1,3,{np.mean(diffs)},{np.std(diffs, ddof=1)}\n"
+    )
+    assert claims.main([f"--paired_summary={summary}"]) == 0
+    assert stats.fmt_ci(d, digits=4) in capsys.readouterr().out
+    assert claims.main([]) == 2
+
+
 def test_mean_std_edge_cases():
     assert stats.mean_std([]) == (None, None, 0)
     assert stats.mean_std([0.5, None]) == (0.5, None, 1)
