@@ -58,12 +58,12 @@ def fmt_num(x: float | None, digits: int = 6) -> str:
 
 
 def reach(history: Sequence[dict], timing: Sequence[dict], threshold: float, key: str):
-    """``(epoch, train_time_s)`` of the first epoch with ``key >= threshold``, or None."""
+    """``(epoch, train_time_s, step)`` of the first epoch with ``key >= threshold``, or None."""
     times = {r["epoch"]: r.get("train_time_s") for r in timing}
     for row in history:
         v = row.get(key)
         if v is not None and v >= threshold:
-            return row["epoch"], times.get(row["epoch"])
+            return row["epoch"], times.get(row["epoch"]), row.get("step")
     return None
 
 

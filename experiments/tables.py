@@ -165,11 +165,17 @@ def convergence_table(
     md_header = ["group", "setting", "method", "n"]
     csv_header = ["group", "setting", "label", "n"]
     for t in thresholds:
-        md_header += [f"{100 * t:g}%: epochs (k/n)", f"{100 * t:g}%: time (s)"]
+        md_header += [
+            f"{100 * t:g}%: epochs (k/n)",
+            f"{100 * t:g}%: passes",
+            f"{100 * t:g}%: time (s)",
+        ]
         csv_header += [
             f"reach_{t:g}_k",
             f"reach_{t:g}_epochs_mean",
             f"reach_{t:g}_epochs_std",
+            f"reach_{t:g}_passes_mean",
+            f"reach_{t:g}_passes_std",
             f"reach_{t:g}_time_mean",
             f"reach_{t:g}_time_std",
         ]
@@ -179,29 +185,45 @@ def convergence_table(
         md = [group, setting, label, str(len(done))]
         row = [group, setting, label, str(len(done))]
         for t in thresholds:
-            hits = [reach(r.history, r.timing, t, acc_key) for r in done]
-            hits = [h for h in hits if h is not None]
-            em, es, k = mean_std([h[0] for h in hits])
-            tm, ts, _ = mean_std([h[1] for h in hits])
+            hits = [(r, reach(r.history, r.timing, t, acc_key)) for r in done]
+            hits = [(r, h) for r, h in hits if h is not None]
+            em, es, k = mean_std([h[0] for _, h in hits])
+            pm, ps, _ = mean_std([_passes(r, h[2]) for r, h in hits])
+            tm, ts, _ = mean_std([h[1] for _, h in hits])
             md += [
                 f"{fmt_ms(em, es, digits=1)} ({k}/{len(done)})",
+                fmt_ms(pm, ps, digits=0),
                 fmt_ms(tm, ts, digits=1),
             ]
-            row += [str(k), fmt_num(em), fmt_num(es), fmt_num(tm), fmt_num(ts)]
+            row += [str(k), fmt_num(em), fmt_num(es), fmt_num(pm), fmt_num(ps)]
+            row += [fmt_num(tm), fmt_num(ts)]
         md_rows.append(md)
         csv_rows.append(row)
     return Table(
         "convergence",
-        f"Convergence: epochs and training time to reach {acc_key.replace('_', ' ')}",
+        f"Convergence: epochs, gradient evaluations and training time to reach "
+        f"{acc_key.replace('_', ' ')}",
         md_header,
         md_rows,
         csv_header,
         csv_rows,
         notes=[
-            "Epochs and time are means over the k of n seeds that reached the threshold; "
+            "Epochs, passes and time are means over the k of n seeds that reached the "
+            "threshold; passes = forward+backward passes of a batch spent by the end of that "
+            "epoch (steps x the method's passes per step: base 1, base_2x/SAM/T1/T3 2, T2 3); "
             "time is cumulative training wall-clock at the end of that epoch."
         ],
     )
+
+
+def _passes(run: Run, step: int | None) -> float | None:
+    """Gradient evaluations a run spent by ``step`` (None if unknown)."""
+    if step is None:
+        return None
+    try:
+        return suites.gradient_evaluations_at(run.cell, step)
+    except ValueError:  # a method this checkout does not define
+        return None
 
 
 def seed_pairs(groups: dict[tuple[str, str, str], list[Run]], reference: str):

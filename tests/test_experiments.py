@@ -312,6 +312,9 @@ def test_aggregate_statistics(synthetic_suite, tmp_path):
     assert float(conv["base"]["reach_0.7_epochs_mean"]) == 3.0
     assert float(conv["sadt_t1"]["reach_0.7_epochs_mean"]) == 2.0
     assert float(conv["sadt_t1"]["reach_0.7_time_mean"]) == pytest.approx(40.0)
+    # Gradient evaluations: base 30 steps x 1 pass; sadt_t1 20 steps x 2 passes.
+    assert float(conv["base"]["reach_0.7_passes_mean"]) == 30.0
+    assert float(conv["sadt_t1"]["reach_0.7_passes_mean"]) == 40.0
     # 0.8: sadt_t1 seed 0 (epoch 3) and seed 2 (epoch 3); base never.
     assert conv["sadt_t1"]["reach_0.8_k"] == "2" and conv["base"]["reach_0.8_k"] == "0"
     assert "(2/3)" in open(os.path.join(out, "convergence.md")).read()
