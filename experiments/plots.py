@@ -221,12 +221,14 @@ def plot_bars(groups, group, path, title, metric="best_val_test", ylabel=None) -
                 if m is not None:
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ms.append(scale * m)
-                    ss.append(scale * (s or 0.0))
+                    ss.append(None if s is None else scale * s)
                     lows.append(scale * m - scale * (s or 0.0))
                     highs.append(scale * m + scale * (s or 0.0))
             if xs:
+                # Error bars only where there is a spread (more than one seed).
+                yerr = [e or 0.0 for e in ss] if any(e is not None for e in ss) else None
                 handles[label] = ax.bar(
-                    xs, ms, width, yerr=ss, capsize=2, color=colors[label], label=label
+                    xs, ms, width, yerr=yerr, capsize=2, color=colors[label], label=label
                 )
         ax.set_xticks(range(len(chunk)))
         ax.set_xticklabels(chunk, fontsize=8)
