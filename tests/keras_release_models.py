@@ -1,25 +1,29 @@
 """The release's four Keras models, as written in its notebook, with named layers.
 
-Run as a script (``KERAS_BACKEND=jax python tests/keras_release_models.py H W C``), it
-builds ``clsclb``, ``VGG16_BN``, ``cir`` and ``ResNetForCIFAR10`` for HxWxC inputs
-and 10 classes and prints, as JSON, for each model the (layer name, weight name,
-shape, trainable) of every entry of ``model.weights`` (the order of
-``model.get_weights()``). The code follows the release's cells 11 and 13 layer for
-layer; the changes are that every layer with weights is named after the matching
-flax submodule path ('.' for '/'), so that tests/test_release_models.py can compare
-Keras' order with :func:`sadt_jax.models.release_weight_order`, and that the ResNet's
-final ``AveragePooling2D`` takes the whole map (8x8 at 32x32, as released; 7x7 at
-28x28, where the release's fixed 8 would fail). Names do not change the order: Keras
-sorts a functional model's layers by graph depth and depth-first discovery, never by
-name. The numpy backend (``KERAS_BACKEND=numpy``) builds them in seconds.
+Run as a script (``KERAS_BACKEND=numpy python tests/keras_release_models.py H W C
+[DIR]``), it builds ``clsclb``, ``VGG16_BN``, ``cir`` and ``ResNetForCIFAR10`` for
+HxWxC inputs and 10 classes and prints, as JSON, for each model the (layer name,
+weight name, shape, trainable) of every entry of ``model.weights`` (the order of
+``model.get_weights()``); with ``DIR``, it also saves random weights and an
+inference-mode forward pass of each model there (:func:`dump_forward`).
+
+The code follows the release's cells 11 and 13 layer for layer, with two changes:
+every layer with weights is named after the matching flax submodule path ('.' for
+'/'), so that tests/test_release_models.py can compare Keras' order with
+:func:`sadt_jax.models.release_weight_order`; and the ResNet's final
+``AveragePooling2D`` takes the whole map (8x8 at 32x32, as released). Names do not
+change the order: Keras sorts a functional model's layers by graph depth and
+depth-first discovery, never by name. The numpy backend builds them in seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import keras
+import numpy as np
 from keras.layers import (
     Activation,
     AveragePooling2D,
@@ -175,6 +179,39 @@ def describe(model):
     return [(owner[id(w)], w.name, list(w.shape), bool(w.trainable)) for w in model.weights]
 
 
+def dump_forward(model, path, seed):
+    """Sets random weights, runs an inference-mode forward and saves both to ``path``.
+
+    Kernels are drawn from N(0, 1.5 / fan_in), BN scales from U(0.5, 1.5), running
+    variances from U(0.5, 2), everything else from N(0, 0.1^2): activations stay O(1)
+    and see both signs. The input is N(0, 1), batch 2. The softmax of the last layer is
+    switched off, so the saved output is the logits. The ``.npz`` holds ``w0, w1, ...``
+    (``get_weights()`` order), ``x`` and ``logits``.
+    """
+    rng = np.random.default_rng(seed)
+    weights = []
+    for w in model.weights:
+        shape = tuple(w.shape)
+        if len(shape) > 1:
+            value = rng.normal(0.0, np.sqrt(1.5 / np.prod(shape[:-1])), shape)
+        elif w.name == "gamma":
+            value = rng.uniform(0.5, 1.5, shape)
+        elif w.name == "moving_variance":
+            value = rng.uniform(0.5, 2.0, shape)
+        else:
+            value = rng.normal(0.0, 0.1, shape)
+        weights.append(value.astype(np.float32))
+    model.set_weights(weights)
+    model.layers[-1].activation = keras.activations.linear
+    x = rng.normal(0.0, 1.0, (2, *model.input_shape[1:])).astype(np.float32)
+    logits = np.asarray(model(x, training=False))
+    np.savez(path, x=x, logits=logits, **{f"w{i}": w for i, w in enumerate(weights)})
+
+
 if __name__ == "__main__":
     shape = tuple(int(v) for v in sys.argv[1:4])
-    print(json.dumps({name: describe(build(shape)) for name, build in BUILDERS.items()}))
+    models = {name: build(shape) for name, build in BUILDERS.items()}
+    if len(sys.argv) > 4:  # a folder: also dump weights and an inference forward
+        for i, (name, model) in enumerate(models.items()):
+            dump_forward(model, os.path.join(sys.argv[4], f"{name}.npz"), seed=i)
+    print(json.dumps({name: describe(model) for name, model in models.items()}))
