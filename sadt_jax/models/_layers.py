@@ -3,9 +3,10 @@
 Every model in :mod:`sadt_jax.models` builds its layers through these helpers so
 that initialisers, dtypes and BatchNorm settings are the same everywhere:
 
-* convolution kernels use He-normal initialisation (truncated normal, fan-in,
-  scale 2: Keras' ``he_normal``, as in the authors' release), dense kernels use
-  Glorot-uniform (Keras' ``Dense`` default), biases start at zero;
+* convolution kernels use He-normal initialisation by default (truncated normal,
+  fan-in, scale 2: Keras' ``he_normal``, as in three of the release's four models;
+  its ResNet keeps Keras' Glorot-uniform default), dense kernels use Glorot-uniform
+  (Keras' ``Dense`` default), biases start at zero; ``kernel_init`` overrides;
 * parameters are always stored in float32 (``param_dtype``); ``dtype`` only sets
   the computation dtype (e.g. ``jnp.bfloat16``);
 * BatchNorm uses Keras' defaults as in the release (``momentum=0.99``,

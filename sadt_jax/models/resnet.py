@@ -109,9 +109,10 @@ ResNet18 = functools.partial(
 )
 
 #: T2 (output-layer bias, salient tensor) paths. The salient tensor is the shift
-#: of the last BatchNorm of stage 2's last block. For ResNet-56 this is the layer
-#: the release's index (109 in ``model.get_weights()`` of its CIFAR ResNet) falls
-#: on, where it hits the moving variance, which has no effect in training mode;
-#: for ResNet-18 it sits after the 9th of 17 convolutions, mid-network.
+#: of the last BatchNorm of stage 2's last block. In the release's smaller ResNet
+#: (5 blocks per stage) the index 109 of ``model.get_weights()`` falls on the same
+#: position, the BatchNorm after the second conv of stage 2's last (fifth) block,
+#: but on its moving variance, which has no effect in training mode
+#: (``release_resnet``); for ResNet-18 it sits after the 9th of 17 convolutions.
 RESNET56_T2_TEACHER_PATHS = ("head/bias", "stage2_block9/bn2/bias")
 RESNET18_T2_TEACHER_PATHS = ("head/bias", "stage2_block2/bn2/bias")
