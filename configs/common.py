@@ -108,7 +108,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     config.optim.nesterov = False
     config.optim.weight_decay = 0.0
     config.optim.adam_eps = 1e-7
-    config.optim.adam_eps_placement = "optax"  # "optax" | "keras" (eps before bias correction)
+    config.optim.adam_eps_placement = "optax"  # "optax" | "keras" (before bias correction)
     config.optim.reset_every_epoch = False  # True: optimizer state (and schedule) anew each epoch
     config.optim.agc_clip = 0.01
 

@@ -8,6 +8,8 @@ Every cell is run as its own process, exactly the command a user would type
   is skipped;
 * any other cell is (re)run with the same command, which resumes from its last
   checkpoint;
+* every attempt records the git commit of the code it runs (and whether tracked files
+  had uncommitted changes) in ``suite_run.json``; the tables show it;
 * a failed cell is recorded (``<workdir>/suite_run.json``, the suite's
   ``_runs.jsonl``, and the status table of the results) and the suite goes on;
 * order is seed-major (every cell of seed 0, then seed 1, ...) so a partial suite
@@ -43,15 +45,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments import suites
+from experiments import aggregate, suites
+from experiments.jsonio import read_json, write_json
 from experiments.suites import Cell
+from experiments.workdirs import STATUS_FILE, cell_state
 
-__all__ = ["host_info", "main", "run_cells"]
+__all__ = ["cell_state", "git_info", "host_info", "main", "run_cells"]
 
 #: ``launcher(argv, log_path, cwd) -> returncode``; replaced in tests.
 Launcher = Callable[[Sequence[str], str, str], int]
-
-STATUS_FILE = "suite_run.json"
 
 
 def host_info() -> dict[str, Any]:
@@ -75,6 +77,23 @@ def host_info() -> dict[str, Any]:
     }
 
 
+def git_info(repo: str) -> dict[str, Any]:
+    """The code a cell runs: ``{"commit": <sha>, "dirty": <uncommitted changes to tracked
+    files>}``, or ``{}`` when ``repo`` is not a git checkout (or git is missing)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", repo, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty}
+
+
 def subprocess_launcher(argv: Sequence[str], log_path: str, cwd: str) -> int:
     """Runs ``argv`` in ``cwd`` with stdout and stderr appended to ``log_path``."""
     with open(log_path, "a") as log:
@@ -91,42 +110,6 @@ def subprocess_launcher(argv: Sequence[str], log_path: str, cwd: str) -> int:
                 proc.kill()
                 proc.wait()
             raise
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def cell_state(cell: Cell, root: str) -> str:
-    """``done``, ``waiting`` (its source run is unfinished), ``partial``, ``failed`` or ``new``."""
-    workdir = cell.workdir(root)
-    if os.path.exists(os.path.join(workdir, cell.done_file)):
-        return "done"
-    if cell.source is not None and not os.path.exists(
-        os.path.join(cell.source_workdir(root), "summary.json")
-    ):
-        return "waiting"
-    status = _read_json(os.path.join(workdir, STATUS_FILE)) or {}
-    attempts = status.get("attempts") or []
-    if attempts and attempts[-1].get("returncode") not in (0, None, 143):
-        return "failed"
-    if os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.exists(
-        os.path.join(workdir, "metrics.jsonl")
-    ):
-        return "partial"
-    return "new"
 
 
 def _fmt_s(seconds: float) -> str:
@@ -208,12 +191,13 @@ def run_cells(
             continue
         os.makedirs(workdir, exist_ok=True)
         status_path = os.path.join(workdir, STATUS_FILE)
-        status = _read_json(status_path) or {}
+        status = read_json(status_path) or {}
         attempts = list(status.get("attempts") or [])
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         attempt = {"started": started, "host": host_info(), "command": argv, "resumed": state}
+        attempt["git"] = git_info(repo)
         attempts.append(attempt)
-        _write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
+        write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
         log_path = os.path.join(workdir, "log.txt")
         with open(log_path, "a") as log:
             log.write(f"\n=== experiments.run_suite {started}: {' '.join(argv)}\n")
@@ -223,14 +207,14 @@ def run_cells(
             rc = launcher(argv, log_path, repo)
         except KeyboardInterrupt:
             attempt.update(returncode=None, elapsed_s=time.time() - t0, outcome="interrupted")
-            _write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
+            write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
             say(f"{prefix}: interrupted (checkpoint saved if it got that far); rerun to resume")
             raise
         elapsed = time.time() - t0
         finished = os.path.exists(os.path.join(workdir, cell.done_file))
         outcome = _describe_rc(rc) if not (rc == 0 and not finished) else "failed: no output"
         attempt.update(returncode=rc if finished or rc else -1, elapsed_s=elapsed, outcome=outcome)
-        _write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
+        write_json(status_path, {"cell": cell.to_json(), "attempts": attempts})
         with open(os.path.join(root, cell.suite, "_runs.jsonl"), "a") as f:
             f.write(json.dumps({"cell": cell.name, **attempt}, sort_keys=True) + "\n")
         remaining -= est[cell.name]
@@ -324,8 +308,6 @@ def main(argv: Sequence[str] | None = None, *, launcher: Launcher = subprocess_l
             print(f"Failed cells: {', '.join(outcome['failed'])}", flush=True)
     if args.dry_run or args.no_aggregate:
         return 0
-    from experiments import aggregate
-
     cmd = aggregate.canonical_command(args.suite, args.root, seeds, args.smoke, results_dir)
     written = aggregate.aggregate_suite(
         args.suite, args.root, results_dir, seeds=seeds, smoke=args.smoke, command=cmd

@@ -26,7 +26,10 @@ Suites (run them with ``python -m experiments.run_suite --suite=<name> --root=ru
 * ``teacher_every``: SADT-T1 with teachers every k steps, reusing ``fashion_mnist``'s
   base and sadt_t1 runs (:func:`teacher_every_cells`);
 * ``fashion_mnist_long``: base, base_2x and sadt_t1 on all 60k training images
-  (:func:`fashion_mnist_long_cells`).
+  (:func:`fashion_mnist_long_cells`);
+* ``ablation``: what makes SADT-T1 work, 11 cells x 10 seeds (:func:`ablation_cells`);
+* ``overfit``: a small training set trained until validation loss turns up
+  (:func:`overfit_cells`).
 
 Compute estimates (:func:`estimate_seconds`) are *estimates*: steps x a per-example
 cost of the base step x the method's step-cost ratio, plus evaluation and
@@ -49,6 +52,7 @@ __all__ = [
     "Suite",
     "estimate_seconds",
     "get_suite",
+    "gradient_evaluations",
     "suite_cells",
 ]
 
@@ -87,6 +91,7 @@ METHOD_COST = {
     "base_2x": 2.0,
     "sadt_t1_1u": 2.1,
     "sadt_ema": 2.5,
+    "rdrop": 2.15,
 }
 
 #: Base-step seconds per training example (forward + backward + update).
@@ -602,6 +607,143 @@ def fashion_mnist_long_cells(seeds: Sequence[int], smoke: bool = False) -> list[
     ]
 
 
+# ---- Suite 7: ablations of SADT-T1, 10 seeds ------------------------------------------------
+
+ABLATION_SEEDS = tuple(range(10))
+#: ``cell name -> (method, overrides)``: every cell is the ``fashion_mnist`` suite's cell of
+#: ``method`` with these ``--config.*`` overrides on top.
+ABLATION_CELLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "base": ("base", {}),
+    "base_2x": ("base_2x", {}),
+    "base_lr2x": ("base", {"optim.learning_rate": 2e-4}),
+    "base_steps2x": ("base", {"num_epochs": 2 * FM_EPOCHS}),
+    "sadt_t1": ("sadt_t1", {}),
+    "sadt_t1_kd0": ("sadt_t1", {"sadt.kd_weight": 0.0}),
+    "sadt_t1_shared_mask": ("sadt_t1", {"sadt.teacher_dropout": "shared"}),
+    "rdrop": ("rdrop", {}),
+    "sadt_t1_nodrop": ("sadt_t1", {"model.dropout_rate": 0.0}),
+    "base_nodrop": ("base", {"model.dropout_rate": 0.0}),
+    "sam": ("sam", {}),
+}
+
+
+def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
+    """What makes SADT-T1 beat base, and why base_2x beats SADT-T1: 11 cells x 10 seeds.
+
+    The ``fashion_mnist`` suite's budget and protocol (simple CNN, batch 256, the first
+    7680 training images, 5 epochs = 150 steps, validation = the first 3000 test images),
+    so seeds 0-2 of ``base``, ``base_2x``, ``sadt_t1`` and ``sam`` replicate that suite.
+    Within a seed every cell starts from the same initial weights and sees the same
+    batches (``config.seed`` draws both, independently of the method). Cells:
+
+    * ``base``, ``base_2x`` (two CE updates per batch), ``base_lr2x`` (Adam 2e-4: a second
+      update's step size without its second gradient), ``base_steps2x`` (10 epochs: twice
+      the updates *and* twice the batches);
+    * ``sadt_t1``; ``sadt_t1_kd0`` (KD weight 0: the second update reuses the clean
+      gradient g); ``sadt_t1_shared_mask`` (the teacher pass reuses the clean pass's
+      dropout mask); ``rdrop`` (teacher = theta' itself, only a fresh dropout mask:
+      R-Drop-like consistency); ``sadt_t1_nodrop`` and ``base_nodrop`` (dropout off);
+    * ``sam`` (rho 0.05).
+
+    Tables: mean ± std, seed-paired differences with 95 % t confidence intervals against
+    ``base`` and ``base_2x``, and their plots.
+
+    Compute (an *estimate*): per seed 150 steps x ~17 (measured step ratios of
+    results/benchmark.md) to ~20 (:data:`METHOD_COST`) Base-step equivalents
+    (``base_steps2x`` counts twice) at ~0.38-0.5 s per Base step of 256 on 2 CPU cores, plus
+    evaluation and start-up: ~25-36 minutes per seed, ~4.2-6 hours for the 10 seeds
+    (``--dry_run`` prints the per-cell estimate of the conservative model).
+    """
+    cells = []
+    for seed in seeds:
+        for name, (method, extra) in ABLATION_CELLS.items():
+            cell = _fashion_mnist_method_cell(
+                "ablation",
+                method,
+                seed,
+                setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}",
+                num_epochs=extra.get("num_epochs", FM_EPOCHS),
+                max_train_examples=FM_TRAIN_EXAMPLES,
+                log_every_steps=10,
+                smoke=smoke,
+            )
+            overrides = dict(cell.overrides)
+            seed_value = overrides.pop("seed")
+            overrides.update({k: v for k, v in extra.items() if k != "num_epochs"})
+            overrides["seed"] = seed_value
+            cells.append(
+                dataclasses.replace(
+                    cell, name=f"{name}_s{seed}", label=name, overrides=tuple(overrides.items())
+                )
+            )
+    return cells
+
+
+# ---- Suite 8: a small training set, trained until it overfits ------------------------------
+
+OVERFIT_METHODS = ("base", "base_2x", "sam", "sadt_t1", "sadt_t3", "rdrop")
+OVERFIT_SEEDS = (0, 1, 2, 3, 4)
+OVERFIT_TRAIN_EXAMPLES = 1024
+OVERFIT_BATCH = 128  # 8 steps per epoch
+OVERFIT_EPOCHS = 120  # 960 steps
+OVERFIT_EVAL_EVERY = 6  # 20 evaluations; best-validation selection among them
+
+
+def overfit_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
+    """A regime where a regulariser should show itself: 1,024 images, 120 epochs, 5 seeds.
+
+    Methods: base, base_2x, sam, sadt_t1, sadt_t3, rdrop. The first 1,024 Fashion-MNIST
+    training images, batch 128 (8 steps per epoch), 120 epochs (960 steps), no CutMix
+    (``data.augment=none``, so the small set can be memorised; dropout 0.3 stays), the
+    paper's Adam 1e-4. Validation (the first 3000 test images) and test are evaluated
+    every 6 epochs; the reported model is the evaluation with the lowest validation loss,
+    so the gap between "test acc @ best val loss" and "final test acc" says how much
+    selection mattered. Seeds 0-4; within a seed the same initial weights and batches.
+
+    Compute (an *estimate*): results/benchmark.md measured a Base step at ~1.5 ms per image
+    on 2 quiet CPU cores and SAM, SADT-T1/T3 at 1.71-1.76x that, so the 6 methods sum to
+    ~9.7 Base-step equivalents; per seed 960 steps x 128 images x 9.7 x 1.5 ms = 30 minutes
+    of training, plus 6 x 20 evaluations of 10,000 images (~10 min) and start-up: ~42
+    minutes per seed, ~3.5 hours for the 5 seeds; ~5.2 hours with the suites' conservative
+    cost model (0.5 s per Base step of 256, :data:`METHOD_COST`), which ``--dry_run`` prints.
+    ``jax.vmap`` over seeds would not pay off on 2 cores (the base step already keeps ~1.4
+    of them busy; a vmapped step does the same FLOPs), so seeds run one after another.
+    """
+    cells = []
+    for seed in seeds:
+        for method in OVERFIT_METHODS:
+            overrides = {
+                "batch_size": OVERFIT_BATCH,
+                "num_epochs": OVERFIT_EPOCHS,
+                "data.max_train_examples": OVERFIT_TRAIN_EXAMPLES,
+                "data.num_validation": 3000,
+                "data.augment": "none",
+                "eval_every_epochs": OVERFIT_EVAL_EVERY,
+                "ckpt.every_epochs": OVERFIT_EVAL_EVERY,
+                "log_every_steps": 40,
+            }
+            cells.append(
+                _train_cell(
+                    "overfit",
+                    f"{method}_s{seed}",
+                    group="overfit",
+                    setting=f"fashion_mnist/simple_cnn/b{OVERFIT_BATCH}/{OVERFIT_TRAIN_EXAMPLES}",
+                    label=method,
+                    method=method,
+                    seed=seed,
+                    config=f"configs/fashion_mnist.py:{method}",
+                    overrides=overrides,
+                    dataset="fashion_mnist",
+                    model="simple_cnn",
+                    batch_size=OVERFIT_BATCH,
+                    num_epochs=OVERFIT_EPOCHS,
+                    max_train_examples=OVERFIT_TRAIN_EXAMPLES,
+                    smoke=smoke,
+                )
+            )
+    return cells
+
+
 # ---- Suite 4: sharpness of suite 2's final models ---------------------------------------
 
 SHARPNESS_FLAGS = {
@@ -683,6 +825,14 @@ SUITES: dict[str, Suite] = {
             thresholds=(0.8, 0.85, 0.87, 0.89),
             references=("base", "base_2x"),
         ),
+        Suite("ablation", ablation_cells, ABLATION_SEEDS, references=("base", "base_2x")),
+        Suite(
+            "overfit",
+            overfit_cells,
+            OVERFIT_SEEDS,
+            thresholds=(0.6, 0.7, 0.75, 0.8),
+            references=("base", "base_2x"),
+        ),
     )
 }
 
@@ -751,8 +901,59 @@ def estimate_seconds(cell: Cell, hardware: str) -> float:
     every = int(dict(cell.overrides).get("teacher_every", 1))
     cost = (every - 1 + cost) / every  # Base steps between teacher steps
     train = steps * cell.batch_size * per_ex * cost
-    evaluation = math.ceil(cell.num_epochs) * num_test * per_ex / 3  # forward only
+    every_epochs = int(dict(cell.overrides).get("eval_every_epochs", 1))
+    evaluations = math.ceil(math.ceil(cell.num_epochs) / every_epochs)
+    evaluation = evaluations * num_test * per_ex / 3  # forward only
     return train + evaluation + STARTUP_SECONDS.get(hardware, 30.0) * cost
+
+
+def gradient_evaluations(method: str, overrides: dict[str, Any] | None = None) -> int:
+    """Forward+backward passes per training step of ``method``, from its definition.
+
+    Read off the method's :class:`~sadt_jax.algorithm.step.SADTConfig` (with the cell's
+    ``sadt.*`` overrides applied): the clean pass is one; ``objective="base"`` with two
+    updates adds a second cross-entropy gradient at theta' (``base_2x``); SAM adds the
+    gradient at the perturbed point; SADT adds one distillation gradient per teacher
+    (T2 samples two layer teachers, every other teacher family one). Passes that are
+    forward only (an EMA teacher's prediction) and the KD weight (a zero weight still
+    computes the pass) do not change the count. So: base, gc, agc 1; base_2x, sam,
+    sadt_t1, sadt_t3, sadt_t1_1u, rdrop 2; sadt_t2 3.
+
+    Args:
+      method: a method name (``sadt_jax.METHODS``).
+      overrides: the cell's ``--config.*`` overrides (only ``sadt.<field>`` ones matter).
+
+    Returns:
+      The number of gradient evaluations per step (``teacher_every`` is not applied).
+    """
+    from sadt_jax.algorithm.methods import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    config = METHODS[method]
+    sadt = {
+        k.removeprefix("sadt."): v for k, v in (overrides or {}).items() if k.startswith("sadt.")
+    }
+    objective = sadt.get("objective", config.objective)
+    if objective == "base":
+        return 2 if sadt.get("two_updates", config.two_updates) else 1
+    if objective == "sam":
+        return 2
+    teachers = sadt.get("teachers", config.teachers)
+    return 1 + (2 if teachers == "t2" else 1)
+
+
+def gradient_evaluations_at(cell: Cell, step: int) -> float:
+    """Gradient evaluations a cell has spent after ``step`` training steps.
+
+    With ``teacher_every = k`` the steps ``0, k, 2k, ...`` are the method's steps and the
+    others Base steps (one gradient each).
+    """
+    overrides = dict(cell.overrides)
+    per_step = gradient_evaluations(cell.method, overrides)
+    every = int(overrides.get("teacher_every", 1))
+    method_steps = -(-step // every)  # ceil
+    return method_steps * per_step + (step - method_steps)
 
 
 def num_steps(cell: Cell) -> int:

@@ -8,14 +8,17 @@ measurement on a two-step run of the real loop on a tiny synthetic dataset.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
 
-from experiments import aggregate, run_suite, suites
+import sadt_jax
+from experiments import aggregate, plots, run_suite, stats, suites, workdirs
 
 # ---- Suites ------------------------------------------------------------------------------
 
@@ -62,6 +65,128 @@ def test_fashion_mnist_long_grid():
     cmd = cells[2].command("r", python="python")
     assert "--config.num_epochs=3" in cmd and not any("max_train_examples" in a for a in cmd)
     assert suites.get_suite("fashion_mnist_long").references == ("base", "base_2x")
+
+
+def test_ablation_grid():
+    cells = suites.suite_cells("ablation")
+    names = [
+        "base",
+        "base_2x",
+        "base_lr2x",
+        "base_steps2x",
+        "sadt_t1",
+        "sadt_t1_kd0",
+        "sadt_t1_shared_mask",
+        "rdrop",
+        "sadt_t1_nodrop",
+        "base_nodrop",
+        "sam",
+    ]
+    assert [c.label for c in cells[:11]] == names
+    assert len(cells) == 11 * 10 and sorted({c.seed for c in cells}) == list(range(10))
+    assert suites.get_suite("ablation").references == ("base", "base_2x")
+    by_name = {c.name: c for c in cells}
+    fm = {c.name: c for c in suites.suite_cells("fashion_mnist")}
+    # base, base_2x, sadt_t1 and sam are exactly the fashion_mnist suite's cells.
+    for name in ("base", "base_2x", "sadt_t1", "sam"):
+        a, b = by_name[f"{name}_s1"], fm[f"{name}_s1"]
+        assert (a.config, a.overrides) == (b.config, b.overrides)
+    expected = {
+        "base_lr2x": ("base", ("optim.learning_rate", 2e-4)),
+        "base_steps2x": ("base", ("num_epochs", 10)),
+        "sadt_t1_kd0": ("sadt_t1", ("sadt.kd_weight", 0.0)),
+        "sadt_t1_shared_mask": ("sadt_t1", ("sadt.teacher_dropout", "shared")),
+        "rdrop": ("rdrop", None),
+        "sadt_t1_nodrop": ("sadt_t1", ("model.dropout_rate", 0.0)),
+        "base_nodrop": ("base", ("model.dropout_rate", 0.0)),
+    }
+    base = dict(by_name["base_s3"].overrides)
+    for name, (method, override) in expected.items():
+        cell = by_name[f"{name}_s3"]
+        assert cell.config == f"configs/fashion_mnist.py:{method}" and cell.method == method
+        diff = set(cell.overrides) - set(base.items())
+        assert diff == ({override} if override else set()), name
+    assert by_name["base_steps2x_s0"].num_epochs == 2 * by_name["base_s0"].num_epochs
+    # Pairing within a seed: the same seed (= initial weights and batches), no init_seed.
+    for seed in range(10):
+        row = [c for c in cells if c.seed == seed]
+        assert {dict(c.overrides)["seed"] for c in row} == {seed}
+        assert not any("init_seed" in k for c in row for k, _ in c.overrides)
+    cmd = by_name["sadt_t1_shared_mask_s0"].command("r", python="python")
+    assert "--config.sadt.teacher_dropout=shared" in cmd
+    assert "--config.optim.learning_rate=0.0002" in by_name["base_lr2x_s0"].command("r")
+
+
+def test_overfit_grid_and_estimate():
+    cells = suites.suite_cells("overfit")
+    assert [c.method for c in cells[:6]] == [
+        "base",
+        "base_2x",
+        "sam",
+        "sadt_t1",
+        "sadt_t3",
+        "rdrop",
+    ]
+    assert sorted({c.seed for c in cells}) == [0, 1, 2, 3, 4]
+    o = dict(cells[0].overrides)
+    assert o["data.max_train_examples"] <= 2048 and o["num_epochs"] >= 100
+    assert o["data.augment"] == "none" and o["data.num_validation"] == 3000
+    assert o["num_epochs"] % o["eval_every_epochs"] == 0
+    # Fewer evaluations, a cheaper estimate.
+    every1 = dataclasses.replace(
+        cells[0], overrides=tuple((k, 1 if k == "eval_every_epochs" else v) for k, v in o.items())
+    )
+    assert suites.estimate_seconds(every1, "cpu2") > suites.estimate_seconds(cells[0], "cpu2")
+    hours = sum(suites.estimate_seconds(c, "cpu2") for c in cells) / 3600
+    assert 2 < hours < 6  # the estimate experiments/README.md states
+
+
+def test_gradient_evaluations_from_the_method():
+    counts = {m: suites.gradient_evaluations(m) for m in sadt_jax.METHODS}
+    expected = {"base": 1, "gc": 1, "agc": 1, "base_2x": 2, "sam": 2, "sadt_t1": 2}
+    expected.update({"sadt_t2": 3, "sadt_t3": 2, "sadt_t1_1u": 2, "sadt_ema": 2, "rdrop": 2})
+    assert counts == {m: expected[m] for m in counts}
+    assert suites.gradient_evaluations("base", {"sadt.two_updates": True}) == 2
+    with pytest.raises(ValueError, match="valid methods"):
+        suites.gradient_evaluations("nope")
+    te = suites.suite_cells("teacher_every")
+    k4 = next(c for c in te if c.name == "sadt_t1_k4_s0")
+    # Steps 0, 4, 8 are SADT-T1 steps (2 passes), the other 7 of 10 Base steps.
+    assert suites.gradient_evaluations_at(k4, 10) == 3 * 2 + 7
+    assert suites.gradient_evaluations_at(te[1], 10) == 20  # k = 1
+
+
+def test_no_import_cycle_in_experiments():
+    import ast
+
+    folder = os.path.join(suites.REPO_ROOT, "experiments")
+    graph = {}
+    for f in os.listdir(folder):
+        if f.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, f)).read())
+            deps = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    if node.module == "experiments":
+                        deps |= {a.name for a in node.names}
+                    elif node.module.startswith("experiments."):
+                        deps.add(node.module.split(".")[1])
+                elif isinstance(node, ast.Import):
+                    deps |= {
+                        a.name.split(".")[1]
+                        for a in node.names
+                        if a.name.startswith("experiments.")
+                    }
+            graph[f[:-3]] = deps
+
+    def visit(node, path):
+        assert node not in path, f"import cycle: {' -> '.join([*path, node])}"
+        for dep in graph.get(node, ()):
+            visit(dep, [*path, node])
+
+    for module in graph:
+        visit(module, [])
+    assert "run_suite" not in graph["aggregate"] and "aggregate" in graph["run_suite"]
 
 
 def test_smoke_and_sharpness_cells():
@@ -191,6 +316,9 @@ def test_aggregate_statistics(synthetic_suite, tmp_path):
     assert float(conv["base"]["reach_0.7_epochs_mean"]) == 3.0
     assert float(conv["sadt_t1"]["reach_0.7_epochs_mean"]) == 2.0
     assert float(conv["sadt_t1"]["reach_0.7_time_mean"]) == pytest.approx(40.0)
+    # Gradient evaluations: base 30 steps x 1 pass; sadt_t1 20 steps x 2 passes.
+    assert float(conv["base"]["reach_0.7_passes_mean"]) == 30.0
+    assert float(conv["sadt_t1"]["reach_0.7_passes_mean"]) == 40.0
     # 0.8: sadt_t1 seed 0 (epoch 3) and seed 2 (epoch 3); base never.
     assert conv["sadt_t1"]["reach_0.8_k"] == "2" and conv["base"]["reach_0.8_k"] == "0"
     assert "(2/3)" in open(os.path.join(out, "convergence.md")).read()
@@ -214,7 +342,16 @@ def test_aggregate_regenerates_identically_and_plots(synthetic_suite, tmp_path):
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert pngs == sorted(
         f"{k}_fashion_mnist.png"
-        for k in ("curves_val", "curves_test", "acc_vs_time", "final", "bars")
+        for k in (
+            "curves_val",
+            "curves_test",
+            "loss_val",
+            "acc_vs_grads",
+            "acc_vs_time",
+            "final",
+            "bars",
+            "vs_base",
+        )
     )
     for p in pngs:
         with open(os.path.join(out, p), "rb") as f:
@@ -258,13 +395,112 @@ def test_teacher_every_reuses_fashion_mnist_runs(synthetic_suite, tmp_path):
     assert int(rows["k=4"]["n"]) == 0
 
 
+def test_ablation_aggregation_outputs(tmp_path):
+    """Synthetic ablation runs (rdrop included, whatever this checkout defines) aggregate
+    into seed-paired tables with intervals against base and base_2x, and their plots."""
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    cells = suites.suite_cells("ablation", seeds=[0, 1, 2])
+    offsets = {"base": 0.0, "base_2x": 0.03, "rdrop": 0.02, "sadt_t1_kd0": 0.025}
+    for c in cells:
+        if c.label in offsets:
+            accs = [0.5 + offsets[c.label] + 0.01 * c.seed + 0.02 * e for e in range(3)]
+            _write_run(c.workdir(root), c, accs)
+    aggregate.aggregate_suite("ablation", root, out, seeds=[0, 1, 2])
+    vs = {r["label"]: r for r in _csv_rows(os.path.join(out, "vs_base_2x.csv"))}
+    assert float(vs["rdrop"]["d_final_test_mean"]) == pytest.approx(-0.01, abs=1e-6)
+    assert vs["rdrop"]["pairs"] == "3" and vs["sadt_t1_kd0"]["d_final_test_wins"] == "0"
+    runs = _csv_rows(os.path.join(out, "runs.csv"))
+    assert len(runs) == 33 and {r["seed"] for r in runs} == {"0", "1", "2"}
+    for png in ("vs_base_ablation.png", "vs_base_2x_ablation.png", "acc_vs_grads_ablation.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 0
+
+
+def test_claims_from_a_committed_runs_csv(tmp_path, capsys):
+    from experiments import claims
+
+    root, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    for c in suites.suite_cells("fashion_mnist"):
+        if c.method in ("base", "sadt_t1"):
+            accs = BASE_ACCS if c.method == "base" else T1_ACCS
+            _write_run(c.workdir(root), c, accs[c.seed])
+    aggregate.aggregate_suite("fashion_mnist", root, out, plots=False)
+    path = os.path.join(out, "runs.csv")
+    rows = claims.paired_rows(claims.read_table(path), ["base"], claims.METRIC)
+    t1 = next(r for r in rows if r[1] == "sadt_t1")
+    diffs = [T1_ACCS[s][-1] - BASE_ACCS[s][-1] for s in range(3)]
+    assert t1[3]["base"].mean == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert claims.main([f"--runs={path}", "--reference=base"]) == 0
+    text = capsys.readouterr().out
+    d = stats.paired_difference(diffs)
+    assert f"| {100 * d.mean:+.2f} ± {100 * d.std:.2f} | {stats.fmt_ci(d, scale=100.0)} |" in text
+    assert "seed std of test_acc_@_best_val: 2.00–2.00 pp" in text  # 70/72/74, 78/80/82 - 1
+    # From a paired summary (mean, std, pairs) the same interval.
+    summary = tmp_path / "paired.csv"
+    summary.write_text(
+        f"# t\nlabel,pairs,d_x_mean,d_x_std\nsadt_t1,3,{np.mean(diffs)},{np.std(diffs, ddof=1)}\n"
+    )
+    assert claims.main([f"--paired_summary={summary}"]) == 0
+    assert stats.fmt_ci(d, digits=4) in capsys.readouterr().out
+    assert claims.main([]) == 2
+
+
 def test_mean_std_edge_cases():
-    assert aggregate.mean_std([]) == (None, None, 0)
-    assert aggregate.mean_std([0.5, None]) == (0.5, None, 1)
-    m, s, n = aggregate.mean_std([1.0, 2.0, 3.0])
+    assert stats.mean_std([]) == (None, None, 0)
+    assert stats.mean_std([0.5, None]) == (0.5, None, 1)
+    m, s, n = stats.mean_std([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and s == pytest.approx(1.0)
-    assert aggregate.fmt_ms(0.5, None, scale=100) == "50.00"
-    assert aggregate.fmt_ms(None, None) == "–"
+    assert stats.fmt_ms(0.5, None, scale=100) == "50.00"
+    assert stats.fmt_ms(None, None) == "–"
+
+
+def test_paired_difference_confidence_interval():
+    from scipy import stats as scipy_stats
+
+    d = stats.paired_difference([0.01, 0.02, 0.03, None])
+    assert (d.n, d.wins) == (3, 3)
+    assert d.mean == pytest.approx(0.02) and d.std == pytest.approx(0.01)
+    half = 4.302652729749462 * 0.01 / math.sqrt(3)  # t_{2, 0.975}
+    assert (d.ci_low, d.ci_high) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    p = scipy_stats.ttest_1samp([0.01, 0.02, 0.03], 0.0).pvalue
+    assert d.p_value == pytest.approx(p)
+    assert stats.fmt_ci(d, scale=100.0) == "[-0.48, +4.48]"
+    one = stats.paired_difference([0.5])
+    assert one.ci_low is None and one.p_value is None and stats.fmt_ci(one) == "–"
+    assert stats.fmt_p(None) == "–" and stats.fmt_p(1e-5) == "<0.001"
+
+
+def test_std_rounded_once_from_full_precision():
+    # 0.009475 is 0.009 at 3 decimals: it must not go through 0.0095 to 0.010.
+    assert stats.fmt_ms(0.108637, 0.009475, digits=3) == "0.109 ± 0.009"
+    assert stats.fmt_ms(0.107308, 0.011475, digits=3) == "0.107 ± 0.011"
+    assert stats.fmt_ms(-0.0118, 0.0021, scale=100.0, signed=True) == "-1.18 ± 0.21"
+    assert stats.fmt_ms(0.0339, None, scale=100.0, signed=True) == "+3.39"
+
+
+def test_reference_table_has_confidence_intervals(synthetic_suite, tmp_path):
+    out = str(tmp_path / "results")
+    aggregate.aggregate_suite("fashion_mnist", synthetic_suite, out, plots=False)
+    vs = {r["label"]: r for r in _csv_rows(os.path.join(out, "vs_base.csv"))}
+    diffs = [T1_ACCS[s][-1] - BASE_ACCS[s][-1] for s in range(3)]
+    half = 4.302652729749462 * np.std(diffs, ddof=1) / math.sqrt(3)
+    t1 = vs["sadt_t1"]
+    assert float(t1["d_final_test_ci_low"]) == pytest.approx(np.mean(diffs) - half, abs=1e-6)
+    assert float(t1["d_final_test_ci_high"]) == pytest.approx(np.mean(diffs) + half, abs=1e-6)
+    assert 0 < float(t1["d_final_test_p"]) < 0.05
+    md = open(os.path.join(out, "vs_base.md")).read()
+    lo, hi = 100 * (np.mean(diffs) - half), 100 * (np.mean(diffs) + half)
+    assert f"[{lo:+.2f}, {hi:+.2f}]" in md and "95 % CI" in md
+
+
+def test_plot_helpers():
+    assert plots.bar_limits([76.0, 80.0], [77.0, 81.0])[0] == 0.0  # not cut at 65 %
+    assert plots.bar_limits([-2.0], [1.0])[0] == -2.0
+    groups = {("g", "s", "a"): [], ("h", "s", "a"): []}
+    cell = suites.suite_cells("fashion_mnist")[0]
+    groups[("g", "s", "a")] = [workdirs.Run(cell, "done"), workdirs.Run(cell, "done")]
+    groups[("h", "s", "a")] = [workdirs.Run(cell, "done"), workdirs.Run(cell, "partial")]
+    assert "mean ± std" in aggregate._spread(groups, "g")
+    assert "mean ± std" not in aggregate._spread(groups, "h")
 
 
 def test_aggregate_sharpness(synthetic_suite, tmp_path):
@@ -276,7 +512,11 @@ def test_aggregate_sharpness(synthetic_suite, tmp_path):
         with open(os.path.join(cell.workdir(synthetic_suite), "sharpness.json"), "w") as f:
             json.dump(
                 {
-                    "hessian": {"top_eigenvalue": lam},
+                    "hessian": {
+                        "top_eigenvalue": lam,
+                        "converged": cell.name != "base_s2",
+                        "num_iters": 20,
+                    },
                     "worst_case_loss_increase": {"0.01": 0.1, "0.05": 0.5},
                     "loss": 0.3,
                 },
@@ -290,7 +530,14 @@ def test_aggregate_sharpness(synthetic_suite, tmp_path):
     assert float(rows["sadt_t1"]["worst_case_0.05_mean"]) == 0.5
     assert float(rows["sadt_t1"]["final_test_mean"]) == pytest.approx(np.mean([0.79, 0.77, 0.81]))
     assert rows["gc"]["n"] == "0"
+    assert rows["base"]["converged"] == "2" and rows["sadt_t1"]["converged"] == "3"
+    assert "| 2/3 |" in open(os.path.join(out, "sharpness.md")).read()
     assert os.path.exists(os.path.join(out, "sharpness_vs_accuracy.png"))
+    per_run = {r["cell"]: r for r in _csv_rows(os.path.join(out, "runs.csv"))}
+    assert float(per_run["base_s1"]["lambda_max"]) == 11.0
+    assert per_run["base_s2"]["converged"] == "False" and per_run["base_s1"]["hvps"] == "20"
+    assert float(per_run["sadt_t1_s0"]["worst_case_0.05"]) == 0.5
+    assert per_run["gc_s0"]["lambda_max"] == ""
     # Seed-paired: sadt_t1 (5) minus base (10, 11, 12) = -5, -6, -7; flatter in 3 of 3.
     paired = {r["label"]: r for r in _csv_rows(os.path.join(out, "sharpness_vs_base.csv"))}
     assert "base" not in paired and paired["gc"]["pairs"] == "0"
@@ -341,6 +588,10 @@ def test_runner_skips_resumes_records_failures(tmp_path, capsys):
     assert status["attempts"][-1]["returncode"] == 3
     assert "non-finite" in status["attempts"][-1]["outcome"]
     assert status["attempts"][-1]["command"][2] == "sadt_jax.main"
+    head = subprocess.run(
+        ["git", "-C", suites.REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert status["attempts"][-1]["git"]["commit"] == head and len(head) == 40
     assert "resuming" in capsys.readouterr().out
     assert run_suite.cell_state(cells[1], root) == "failed"
     runs_log = open(os.path.join(root, "fashion_mnist", "_runs.jsonl")).read().splitlines()
@@ -372,6 +623,14 @@ def test_runner_cli_dry_run_and_aggregation(tmp_path, capsys):
     assert launcher.calls == ["base_s0", "sadt_t1_s0"] and rc == 0
     rows = {r["label"]: r for r in _csv_rows(os.path.join(out, "accuracy.csv"))}
     assert rows["base"]["n"] == "1" and rows["gc"]["n"] == "0"
+    commit = run_suite.git_info(suites.REPO_ROOT)["commit"]
+    per_run = {r["cell"]: r for r in _csv_rows(os.path.join(out, "runs.csv"))}
+    assert per_run["base_s0"]["git_commit"].removesuffix("+dirty") == commit
+    assert per_run["gc_s0"]["git_commit"] == ""
+    assert (
+        f"Code (git commit, experiments.run_suite): {commit}"
+        in open(os.path.join(out, "accuracy.md")).read()
+    )
     # The tables name the aggregation command, which regenerates them identically.
     before = open(os.path.join(out, "accuracy.md")).read()
     assert f"--root={root} --seeds=0" in before
@@ -489,6 +748,6 @@ def test_aggregate_paper_pivot(tmp_path):
     # base: 0.40 + 0.01 i (i = 0, 1, then 2, 3 for resnet56) minus the 0.01 test offset.
     assert rows[0].split(" | ")[1:3] == ["39.00 (n=1)", "41.00 (n=1)"]
     assert rows[0].split(" | ")[7:9] == ["43.00 (n=1)", "45.00 (n=1)"]
-    groups = aggregate._by_key(aggregate.collect_runs(suites.suite_cells("paper"), root))
-    bars = aggregate.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
+    groups = workdirs.group_runs(workdirs.collect_runs(suites.suite_cells("paper"), root))
+    bars = plots.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
     assert os.path.getsize(bars) > 0

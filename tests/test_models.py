@@ -52,6 +52,11 @@ EXPECTED_PARAMS = {
     "resnet56": 853_018,  # He et al. 2016, option A: "0.85M"
     "resnet18": 11_173_962,
     "wrn28_10": 36_479_194,  # Zagoruyko & Komodakis 2016: "36.5M"
+    # The release's Keras models (see tests/test_release_models.py).
+    "release_simple_cnn": 635_576,
+    "release_vgg16_bn": 4_085_912,
+    "release_inception_resnet": 305_358,
+    "release_resnet": 446_784,
 }
 
 
@@ -113,6 +118,10 @@ def test_model_names():
         "resnet56",
         "resnet18",
         "wrn28_10",
+        "release_simple_cnn",
+        "release_vgg16_bn",
+        "release_inception_resnet",
+        "release_resnet",
     )
 
 
@@ -241,6 +250,57 @@ def test_simple_cnn_release_layout_forward():
     assert models.t2_teacher_paths("simple_cnn")[1] in _flat(variables["params"])
 
 
+# --- outputs recorded before the shared base class (sadt_jax/models/_base.py) -----------
+
+# First-row logits at ``jax.jit(model.init)(jax.random.key(0), x)`` with
+# ``x = jax.random.normal(jax.random.key(1), CIFAR)``, ``conv_impl='xla'``: eval mode, then
+# train mode with ``rngs={'dropout': jax.random.key(3)}``; then the sum of |batch_stats|
+# after the train-mode pass. Recorded before the models shared one base class, to show
+# that the refactor changed no parameter (name, shape, initial value) and no output.
+RECORDED_OUTPUTS = {
+    ("simple_cnn", ()): (
+        [-3.949319, -0.159015, -1.76039, 0.193144, -1.277018, 0.167765, 6.276652, 0.211216,
+         0.389055, -4.345444],
+        [-1.648186, -1.947217, 0.533497, 0.570645, -1.297505, 0.717161, 1.864752, 1.696984,
+         0.509429, -0.665576],
+        193.335876,
+    ),
+    ("simple_cnn", (("dropout_rate", 0.3), ("release_layout", True))): (
+        [-0.725582, -1.35857, -2.636647, -1.024904, 5.991073, -1.345881, -5.82734, 3.454914,
+         1.334749, 0.014114],
+        [1.94599, -2.105058, -0.906605, 1.252029, 0.783538, -1.876336, -2.233478, 0.290129,
+         -0.220072, -1.120133],
+        769.489258,
+    ),
+    ("resnet56", ()): (
+        [10770.162109, -5483.592773, -3817.552734, 2185.896484, -4091.963867, 1496.509766,
+         16784.003906, 15533.091797, 904.291016, -237.543945],
+        [-2.465439, 0.741564, 3.89334, 0.650511, 3.554503, -0.066311, 7.271659, 3.729858,
+         1.893986, -2.627636],
+        2116.058350,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RECORDED_OUTPUTS), ids=lambda c: c[0] + str(len(c[1])))
+def test_outputs_unchanged_by_the_shared_base_class(case):
+    name, kwargs = case
+    model = models.get_model(name, NUM_CLASSES, conv_impl="xla", **dict(kwargs))
+    x = jax.random.normal(jax.random.key(1), CIFAR)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
+    eval_logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+    train_logits, updates = jax.jit(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}
+        )
+    )(variables)
+    want_eval, want_train, want_stats = RECORDED_OUTPUTS[case]
+    np.testing.assert_allclose(np.asarray(eval_logits[0]), want_eval, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(train_logits[0]), want_train, rtol=2e-5, atol=2e-5)
+    stats = sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(updates))
+    np.testing.assert_allclose(stats, want_stats, rtol=1e-5)
+
+
 # --- BatchNorm and dropout ----------------------------------------------------------------
 
 
@@ -321,7 +381,8 @@ def test_dropout_uses_rng_in_train_mode_only():
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_t2_teacher_paths_point_to_leaves(name):
-    bias_path, salient_path = models.t2_teacher_paths(name)
+    # The trainable stand-ins; tests/test_release_models.py checks the release's own.
+    bias_path, salient_path = models.t2_teacher_paths(name, stand_in=True)
     params = _flat(_abstract_init(models.get_model(name, NUM_CLASSES))["params"])
     assert bias_path in params and salient_path in params
     assert bias_path != salient_path
@@ -333,6 +394,12 @@ def test_t2_teacher_paths_point_to_leaves(name):
 
 def test_t2_simple_cnn_is_second_conv_bias():
     assert models.t2_teacher_paths("simple_cnn") == ("head/bias", "conv2/bias")
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES[:6])
+def test_t2_teacher_paths_of_the_project_models_ignore_stand_in(name):
+    assert models.t2_teacher_paths(name) == models.t2_teacher_paths(name, stand_in=True)
+    assert all(isinstance(p, str) for p in models.t2_teacher_paths(name))
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -8,7 +8,7 @@ seven methods differ only in these; everything runs through ``sadt_update``.
 name           what it is
 =============  ==================================================================
 base           Adam (lr 1e-4, decay 0.9 every 1000 steps), one update per batch
-gc             gradient centralization (``optax.centralize``) before Adam
+gc             gradient centralization per output unit (last axis) before Adam
 agc            adaptive gradient clipping 0.01 (``optax.adaptive_grad_clip``)
 sam            SAM, rho 0.05, bounded (Foret et al. 2021)
 sadt_t1        SADT, sharpness-aware teacher, eps = 1e-3 (g + 1e-4 xi), KL(q||p)
@@ -32,8 +32,9 @@ import dataclasses
 import optax
 
 from sadt_jax.algorithm.step import SADTConfig
+from sadt_jax.algorithm.transforms import centralize_per_output_unit, keras_adam
 
-__all__ = ["METHODS", "OPTIMIZERS", "make_optimizer", "method_config"]
+__all__ = ["ADAM_EPS_PLACEMENTS", "METHODS", "OPTIMIZERS", "make_optimizer", "method_config"]
 
 _T1 = SADTConfig(
     objective="sadt",
@@ -69,11 +70,12 @@ METHODS: dict[str, SADTConfig] = {
 
 # Gradient transforms placed in front of the base optimizer, per method.
 _PRE_TRANSFORMS = {
-    "gc": lambda agc_clip: optax.centralize(),
+    "gc": lambda agc_clip: centralize_per_output_unit(),
     "agc": lambda agc_clip: optax.adaptive_grad_clip(agc_clip),
 }
 
 OPTIMIZERS = ("adam", "sgd")
+ADAM_EPS_PLACEMENTS = ("optax", "keras")
 
 
 def method_config(name: str, **overrides) -> SADTConfig:
@@ -107,6 +109,7 @@ def make_optimizer(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     adam_eps: float = 1e-7,
+    adam_eps_placement: str = "optax",
     agc_clip: float = 0.01,
 ) -> optax.GradientTransformation:
     """The base optimizer ``U`` of a method.
@@ -126,6 +129,9 @@ def make_optimizer(
       weight_decay: L2 weight decay added to the gradient (coupled, as in the SAM paper's
         SGD recipes); 0 disables it.
       adam_eps: Adam's epsilon.
+      adam_eps_placement: ``"optax"`` (``optax.adam``: epsilon added after the bias
+        correction) or ``"keras"`` (:func:`~sadt_jax.algorithm.transforms.keras_adam`:
+        added before it, as in the authors' Keras release).
       agc_clip: AGC's clipping factor.
 
     Returns:
@@ -136,6 +142,11 @@ def make_optimizer(
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    if adam_eps_placement not in ADAM_EPS_PLACEMENTS:
+        raise ValueError(
+            f"unknown adam_eps_placement {adam_eps_placement!r}; "
+            f"valid: {', '.join(ADAM_EPS_PLACEMENTS)}"
         )
     if callable(learning_rate):
         schedule = learning_rate
@@ -150,7 +161,9 @@ def make_optimizer(
         parts.append(_PRE_TRANSFORMS[method](agc_clip))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
-    if optimizer == "adam":
+    if optimizer == "adam" and adam_eps_placement == "keras":
+        parts.append(keras_adam(schedule, eps=adam_eps))
+    elif optimizer == "adam":
         parts.append(optax.adam(schedule, eps=adam_eps))
     else:
         parts.append(optax.sgd(schedule, momentum=momentum, nesterov=nesterov))

@@ -3,9 +3,10 @@
 Every model in :mod:`sadt_jax.models` builds its layers through these helpers so
 that initialisers, dtypes and BatchNorm settings are the same everywhere:
 
-* convolution kernels use He-normal initialisation (truncated normal, fan-in,
-  scale 2: Keras' ``he_normal``, as in the authors' release), dense kernels use
-  Glorot-uniform (Keras' ``Dense`` default), biases start at zero;
+* convolution kernels use He-normal initialisation by default (truncated normal,
+  fan-in, scale 2: Keras' ``he_normal``, as in three of the release's four models;
+  its ResNet keeps Keras' Glorot-uniform default), dense kernels use Glorot-uniform
+  (Keras' ``Dense`` default), biases start at zero; ``kernel_init`` overrides;
 * parameters are always stored in float32 (``param_dtype``); ``dtype`` only sets
   the computation dtype (e.g. ``jnp.bfloat16``);
 * BatchNorm uses Keras' defaults as in the release (``momentum=0.99``,
@@ -339,6 +340,7 @@ def conv(
     use_bias: bool = False,
     dtype: Dtype,
     impl: str = "auto",
+    kernel_init: nn.initializers.Initializer = conv_init,
     name: str | None = None,
 ) -> nn.Conv:
     """Returns a 2D convolution with He-normal kernels ('SAME' padding by default).
@@ -354,6 +356,7 @@ def conv(
       impl: ``'xla'`` (``nn.Conv``), ``'matmul'`` (:class:`MatmulConv`: same
         parameters and forward values, kernel gradient by matmuls) or ``'auto'``
         (``'matmul'`` on the CPU backend, ``'xla'`` elsewhere).
+      kernel_init: kernel initialiser (default He-normal, :data:`conv_init`).
       name: submodule name.
 
     Returns:
@@ -370,62 +373,32 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=conv_init,
+        kernel_init=kernel_init,
         name=name,
     )
 
 
-def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
-    """Returns a dense layer with Glorot-uniform kernels and a zero bias.
+def dense(
+    features: int,
+    *,
+    dtype: Dtype,
+    kernel_init: nn.initializers.Initializer = dense_init,
+    name: str | None = None,
+) -> nn.Dense:
+    """Returns a dense layer with Glorot-uniform kernels (by default) and a zero bias.
 
     Args:
       features: number of outputs.
       dtype: computation dtype (parameters stay float32).
+      kernel_init: kernel initialiser (default Glorot-uniform, :data:`dense_init`).
       name: submodule name.
 
     Returns:
       An ``nn.Dense``.
     """
     return nn.Dense(
-        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=dense_init, name=name
+        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name
     )
-
-
-class ConvBN(nn.Module):
-    """Convolution (no bias), BatchNorm and an optional ReLU.
-
-    Parameter paths: ``<name>/conv/kernel``, ``<name>/bn/{scale,bias}``.
-
-    Attributes:
-      features: number of output channels.
-      kernel_size: an int or a (height, width) pair.
-      strides: spatial stride.
-      relu: apply a ReLU after the BatchNorm.
-      dtype: computation dtype.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation, see :func:`conv`.
-    """
-
-    features: int
-    kernel_size: int | tuple[int, int] = 3
-    strides: int = 1
-    relu: bool = True
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = conv(
-            self.features,
-            self.kernel_size,
-            strides=self.strides,
-            dtype=self.dtype,
-            impl=self.conv_impl,
-            name="conv",
-        )(x)
-        x = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name, name="bn")(x)
-        return nn.relu(x) if self.relu else x
 
 
 def _pool_windows(x, pad_value, padding):

@@ -4,8 +4,9 @@ Residual Inception blocks with scaled residuals, after Szegedy et al.,
 "Inception-v4, Inception-ResNet and the Impact of Residual Connections on
 Learning" (arXiv 1602.07261), shrunk for CIFAR. The SADT paper (arXiv 2211.00310)
 evaluates "an Inception-ResNet-style" network; its release (``cir`` in
-github.com/DeepUVaasa/SADT) is a three-module ad-hoc net. This module is a
-cleaner, modest member of the same family::
+github.com/DeepUVaasa/SADT) is a three-module ad-hoc net of 305,358 parameters,
+available as ``release_inception_resnet`` (:mod:`.release`). This module is a
+different, larger member of the same family::
 
     stem: conv3x3-32, conv3x3-64, conv3x3-128                    (32x32, 128 ch)
     2 x block A: [1x1-32 | 1x1-32, 3x3-32 | 1x1-32, 3x3-48, 3x3-64] (32x32, 128 ch)
@@ -37,7 +38,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sadt_jax.models import _layers
-from sadt_jax.models._layers import ConvBN, Dtype
+from sadt_jax.models._base import Classifier, ConvBN, LayerSettings
+from sadt_jax.models._layers import Dtype
 
 #: A branch: a sequence of (features, kernel size) convolutions.
 Branch = Sequence[tuple[int, int | tuple[int, int]]]
@@ -50,10 +52,9 @@ REDUCTION_B: Sequence[Branch] = (((128, 1), (128, 3)), ((128, 1), (128, 3), (128
 
 #: T2 (output-layer bias, salient tensor) paths. The salient tensor is the
 #: BatchNorm shift at the end of the deepest branch of the middle stage's last
-#: block. The release's index for its Inception-ResNet (49 in
-#: ``model.get_weights()``) appears, in layer-creation order, to fall on BatchNorm
-#: statistics in the residual path of its middle module (not trainable, so not
-#: reproducible as such); this is the trainable analogue.
+#: block, by analogy with the release: there, index 49 of ``model.get_weights()``
+#: is the shift (beta) of the second BatchNorm on the residual path of the middle
+#: module, a trainable tensor (see ``release_inception_resnet`` in :mod:`.release`).
 T2_TEACHER_PATHS = ("head/bias", "block_b2/branch1_conv3/bn/bias")
 
 
@@ -92,69 +93,41 @@ def _concat_branches(
     return jnp.concatenate(outputs, axis=-1)
 
 
-class Reduction(nn.Module):
+class Reduction(LayerSettings):
     """Grid reduction: a stride-2 max-pool and stride-2 conv branches, concatenated.
 
     Attributes:
       branches: the conv branches (their last convolution has stride 2).
-      dtype: computation dtype.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
     branches: Sequence[Branch]
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        return _concat_branches(
-            x,
-            self.branches,
-            strides=2,
-            train=train,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            conv_impl=self.conv_impl,
-        )
+        return _concat_branches(x, self.branches, strides=2, train=train, **self._settings())
 
 
-class InceptionResNetBlock(nn.Module):
+class InceptionResNetBlock(LayerSettings):
     """Residual Inception block: ``relu(x + scale * up(concat(branches(x))))``.
 
     Attributes:
       branches: the parallel conv branches.
       residual_scale: factor on the residual before the addition.
-      dtype: computation dtype.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
     branches: Sequence[Branch]
     residual_scale: float = 0.2
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        y = _concat_branches(
-            x,
-            self.branches,
-            strides=1,
-            train=train,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            conv_impl=self.conv_impl,
-        )
-        y = _layers.conv(
-            x.shape[-1], 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name="up"
-        )(y)
+        y = _concat_branches(x, self.branches, strides=1, train=train, **self._settings())
+        y = self._conv(x.shape[-1], 1, use_bias=True, name="up")(y)
         return nn.relu(x + self.residual_scale * y)
 
 
-class InceptionResNet(nn.Module):
+class InceptionResNet(Classifier):
     """Small Inception-ResNet for CIFAR (see the module docstring for the layout).
 
     Attributes:
@@ -162,34 +135,15 @@ class InceptionResNet(nn.Module):
       num_blocks: residual blocks in stages A, B and C.
       residual_scale: factor on each block's residual.
       dropout_rate: dropout before the output layer.
-      dtype: computation dtype; parameters are float32.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
-        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
-    num_classes: int
     num_blocks: Sequence[int] = (2, 2, 2)
     residual_scale: float = 0.2
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Returns logits of shape ``(batch, num_classes)``.
-
-        Args:
-          x: images, NHWC.
-          train: batch statistics, running-average updates and dropout (using
-            the 'dropout' rng) if True; running averages and no dropout if False.
-
-        Returns:
-          Logits in ``dtype``.
-        """
-        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl)
-        x = jnp.asarray(x, self.dtype)
+    def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        kw = self._settings()
         for i, features in enumerate((32, 64, 128), start=1):
             x = ConvBN(features, 3, name=f"stem{i}", **kw)(x, train)
         stages = (("a", BLOCK_A, REDUCTION_A), ("b", BLOCK_B, REDUCTION_B), ("c", BLOCK_C, None))
@@ -201,5 +155,5 @@ class InceptionResNet(nn.Module):
             if reduction is not None:
                 x = Reduction(reduction, name=f"reduction_{tag}", **kw)(x, train)
         x = _layers.global_avg_pool(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        x = self._dropout(self.dropout_rate, x, train)
+        return self._dense(self.num_classes, "head")(x)

@@ -9,7 +9,8 @@ pooling and a dense output layer; convolutions have no bias.
   16/32/64 channels, option-A shortcuts (identity; where the shape changes, a
   stride-2 subsample zero-padded to the new width, no parameters).
   853,018 parameters at 10 classes. (The SADT release's "resnet56" is a smaller
-  net, 5 blocks per stage at 8/32/64 channels with projection shortcuts.)
+  net, 5 blocks per stage at 8/32/64 channels with projection shortcuts:
+  ``release_resnet``, :mod:`.release`.)
 * ``resnet18``: the common CIFAR variant of the ImageNet ResNet-18 (3x3 stem
   with 64 channels, no max-pooling, stages [2, 2, 2, 2] at 64-128-256-512,
   option-B shortcuts: 1x1 convolution + BatchNorm where the shape changes).
@@ -29,10 +30,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sadt_jax.models import _layers
-from sadt_jax.models._layers import Dtype
+from sadt_jax.models._base import Classifier, LayerSettings
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(LayerSettings):
     """Post-activation basic residual block.
 
     Attributes:
@@ -40,30 +41,19 @@ class BasicBlock(nn.Module):
       strides: stride of the first convolution (and of the shortcut).
       shortcut: 'A' (parameter-free: subsample and zero-pad channels) or 'B'
         (1x1 convolution + BatchNorm) where the shape changes; identity otherwise.
-      dtype: computation dtype.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
     features: int
     strides: int = 1
     shortcut: str = "B"
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        def bn(name):
-            return _layers.batch_norm(
-                train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
-            )
-
-        conv = functools.partial(_layers.conv, dtype=self.dtype, impl=self.conv_impl)
-        y = conv(self.features, 3, strides=self.strides, name="conv1")(x)
-        y = nn.relu(bn("bn1")(y))
-        y = conv(self.features, 3, name="conv2")(y)
-        y = bn("bn2")(y)
+        y = self._conv(self.features, 3, strides=self.strides, name="conv1")(x)
+        y = nn.relu(self._bn(train, "bn1")(y))
+        y = self._conv(self.features, 3, name="conv2")(y)
+        y = self._bn(train, "bn2")(y)
 
         if self.strides != 1 or x.shape[-1] != self.features:
             if self.shortcut == "A":
@@ -71,14 +61,14 @@ class BasicBlock(nn.Module):
                 extra = self.features - x.shape[-1]
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
             elif self.shortcut == "B":
-                x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(x)
-                x = bn("shortcut_bn")(x)
+                x = self._conv(self.features, 1, strides=self.strides, name="shortcut_conv")(x)
+                x = self._bn(train, "shortcut_bn")(x)
             else:
                 raise ValueError(f"shortcut must be 'A' or 'B', got {self.shortcut!r}")
         return nn.relu(x + y)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """CIFAR ResNet with basic blocks.
 
     Attributes:
@@ -86,40 +76,16 @@ class ResNet(nn.Module):
       stage_sizes: number of blocks per stage.
       widths: channels per stage; the stem has ``widths[0]`` channels.
       shortcut: 'A' or 'B', see :class:`BasicBlock`.
-      dtype: computation dtype; parameters are float32.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
-        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
-    num_classes: int
     stage_sizes: Sequence[int]
     widths: Sequence[int]
     shortcut: str = "B"
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Returns logits of shape ``(batch, num_classes)``.
-
-        Args:
-          x: images, NHWC.
-          train: batch statistics and running-average updates if True, running
-            averages if False.
-
-        Returns:
-          Logits in ``dtype``.
-        """
-        x = jnp.asarray(x, self.dtype)
-        x = _layers.conv(
-            self.widths[0], 3, dtype=self.dtype, impl=self.conv_impl, name="stem_conv"
-        )(x)
-        x = _layers.batch_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, name="stem_bn"
-        )(x)
-        x = nn.relu(x)
+    def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = self._conv(self.widths[0], 3, name="stem_conv")(x)
+        x = nn.relu(self._bn(train, "stem_bn")(x))
         for s, (num_blocks, width) in enumerate(
             zip(self.stage_sizes, self.widths, strict=True), start=1
         ):
@@ -128,13 +94,11 @@ class ResNet(nn.Module):
                     width,
                     strides=2 if (s > 1 and b == 1) else 1,
                     shortcut=self.shortcut,
-                    dtype=self.dtype,
-                    bn_axis_name=self.bn_axis_name,
-                    conv_impl=self.conv_impl,
                     name=f"stage{s}_block{b}",
+                    **self._settings(),
                 )(x, train)
         x = _layers.global_avg_pool(x)
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return self._dense(self.num_classes, "head")(x)
 
 
 #: ResNet-56 for CIFAR (He et al. 2016, Section 4.2).
@@ -145,9 +109,10 @@ ResNet18 = functools.partial(
 )
 
 #: T2 (output-layer bias, salient tensor) paths. The salient tensor is the shift
-#: of the last BatchNorm of stage 2's last block. For ResNet-56 this is the layer
-#: the release's index (109 in ``model.get_weights()`` of its CIFAR ResNet) falls
-#: on, where it hits the moving variance, which has no effect in training mode;
-#: for ResNet-18 it sits after the 9th of 17 convolutions, mid-network.
+#: of the last BatchNorm of stage 2's last block. In the release's smaller ResNet
+#: (5 blocks per stage) the index 109 of ``model.get_weights()`` falls on the same
+#: position, the BatchNorm after the second conv of stage 2's last (fifth) block,
+#: but on its moving variance, which has no effect in training mode
+#: (``release_resnet``); for ResNet-18 it sits after the 9th of 17 convolutions.
 RESNET56_T2_TEACHER_PATHS = ("head/bias", "stage2_block9/bn2/bias")
 RESNET18_T2_TEACHER_PATHS = ("head/bias", "stage2_block2/bn2/bias")

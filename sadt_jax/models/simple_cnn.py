@@ -23,13 +23,13 @@ classes) before the output layer::
     -> flatten -> dropout -> dense1 512 -> ReLU -> dense1_bn -> dense2 64 -> ReLU
     -> dense2_bn -> dense3 10 -> ReLU -> head
 
-The release used dropout 0.3; the default here is 0.0. The model returns
-logits (the release ends in a softmax and then applies a cross-entropy "from
-logits" to it: a double softmax, not reproduced).
+The release used dropout 0.3; the default here is 0.0 (``release_simple_cnn`` in
+:func:`sadt_jax.models.get_model` is this layout with dropout 0.3). The model returns
+logits, the pre-activation of the release's softmax output layer.
 
 Parameter count at 10 classes: 634,314 on 32x32x3 and 633,162 on 28x28x1
 (default layout); 635,576 on 32x32x3 and 405,048 on 28x28x1 with
-``release_layout=True``.
+``release_layout=True`` (non-trainable BatchNorm statistics: 384 and 1,536).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sadt_jax.models import _layers
-from sadt_jax.models._layers import Dtype
+from sadt_jax.models._base import Classifier
 
 #: (output-layer bias, salient tensor) for T2 teachers. The salient tensor is the
 #: second convolution's bias, index 7 of ``model.get_weights()`` in the release.
 T2_TEACHER_PATHS = ("head/bias", "conv2/bias")
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(Classifier):
     """The paper's simple CNN (see the module docstring for the layout).
 
     Attributes:
@@ -53,60 +53,33 @@ class SimpleCNN(nn.Module):
       dropout_rate: dropout rate (between the dense layers; on the flattened
         features with ``release_layout``). The release used 0.3.
       release_layout: reproduce the authors' Keras model exactly.
-      dtype: computation dtype; parameters are float32.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
-        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
       pool: ``'max'`` (the paper's 2x2 max-pooling) or ``'avg'`` (2x2 average pooling:
         smooth, so results do not hinge on near-ties between pooled values — used where two
         mathematically equal computations are compared, e.g. 1 vs 8 devices).
       pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
         CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
         ``_layers.max_pool_2x2``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
-    num_classes: int
     dropout_rate: float = 0.0
     release_layout: bool = False
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
     pool: str = "max"
     pool_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Returns logits of shape ``(batch, num_classes)``.
-
-        Args:
-          x: images, NHWC.
-          train: batch statistics, running-average updates and dropout (using
-            the 'dropout' rng) if True; running averages and no dropout if False.
-
-        Returns:
-          Logits in ``dtype``.
-        """
-        x = jnp.asarray(x, self.dtype)
+    def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.release_layout:
             return self._release(x, train)
-
-        def bn(name):
-            return _layers.batch_norm(
-                train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
-            )
-
         for i in (1, 2, 3):
-            x = _layers.conv(
-                64, 3, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}"
-            )(x)
-            x = bn(f"bn{i}")(nn.relu(x))
+            x = self._conv(64, 3, use_bias=True, name=f"conv{i}")(x)
+            x = self._bn(train, f"bn{i}")(nn.relu(x))
             x = self._pool(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_layers.dense(512, dtype=self.dtype, name="dense1")(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.relu(_layers.dense(64, dtype=self.dtype, name="dense2")(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        x = nn.relu(self._dense(512, "dense1")(x))
+        x = self._dropout(self.dropout_rate, x, train)
+        x = nn.relu(self._dense(64, "dense2")(x))
+        x = self._dropout(self.dropout_rate, x, train)
+        return self._dense(self.num_classes, "head")(x)
 
     def _pool(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.pool == "avg":
@@ -116,31 +89,18 @@ class SimpleCNN(nn.Module):
         return _layers.max_pool_2x2(x, self.pool_impl)
 
     def _release(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        def bn(name):
-            return _layers.batch_norm(
-                train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
-            )
-
         def conv(name):
-            return _layers.conv(
-                64,
-                3,
-                padding="VALID",
-                use_bias=True,
-                dtype=self.dtype,
-                impl=self.conv_impl,
-                name=name,
-            )
+            return self._conv(64, 3, padding="VALID", use_bias=True, name=name)
 
         def pool(y):
             return _layers.max_pool_2x2(y, self.pool_impl, padding="VALID")
 
-        x = bn("bn1")(pool(nn.relu(conv("conv1")(x))))
-        x = bn("bn2")(pool(nn.relu(conv("conv2")(x))))
-        x = bn("bn3")(nn.relu(conv("conv3")(x)))
+        x = self._bn(train, "bn1")(pool(nn.relu(conv("conv1")(x))))
+        x = self._bn(train, "bn2")(pool(nn.relu(conv("conv2")(x))))
+        x = self._bn(train, "bn3")(nn.relu(conv("conv3")(x)))
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = bn("dense1_bn")(nn.relu(_layers.dense(512, dtype=self.dtype, name="dense1")(x)))
-        x = bn("dense2_bn")(nn.relu(_layers.dense(64, dtype=self.dtype, name="dense2")(x)))
-        x = nn.relu(_layers.dense(10, dtype=self.dtype, name="dense3")(x))
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        x = self._dropout(self.dropout_rate, x, train)
+        x = self._bn(train, "dense1_bn")(nn.relu(self._dense(512, "dense1")(x)))
+        x = self._bn(train, "dense2_bn")(nn.relu(self._dense(64, "dense2")(x)))
+        x = nn.relu(self._dense(10, "dense3")(x))
+        return self._dense(self.num_classes, "head")(x)

@@ -13,10 +13,11 @@ used by the SADT paper (Fahim & Boutellier, arXiv 2211.00310) and its release
 
 Each conv is 3x3, 'SAME', followed by BatchNorm, ReLU and (optionally) dropout.
 Pooling uses 'SAME' padding, so 28x28 inputs also work. Differences from the
-release: the convolutions have no bias (it is redundant before BatchNorm), and
-the release's extra ``Dense(classes, relu)`` layer before the output is left out.
-The release used ``conv_dropout_rate=0.1`` and ``dropout_rate=0.3``; both
-default to 0.0 here.
+release (``release_vgg16_bn`` in :func:`sadt_jax.models.get_model` is the release's
+network): the convolutions have no bias (it is redundant before BatchNorm), the
+hidden dense layers are Glorot- rather than He-initialised, and the release's extra
+``Dense(classes, relu)`` layer before the output is left out. The release used
+``conv_dropout_rate=0.1`` and ``dropout_rate=0.3``; both default to 0.0 here.
 
 Parameter count: 4,083,690 at 10 classes.
 """
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sadt_jax.models import _layers
-from sadt_jax.models._layers import Dtype
+from sadt_jax.models._base import Classifier
 
 #: Convolution widths per block, VGG16 pattern (2, 2, 3, 3, 3 convolutions).
 VGG16_BLOCKS = ((32, 32), (64, 64), (128, 128, 128), (256, 256, 256), (256, 256, 256))
@@ -39,60 +40,33 @@ VGG16_BLOCKS = ((32, 32), (64, 64), (128, 128, 128), (256, 256, 256), (256, 256,
 T2_TEACHER_PATHS = ("head/bias", "block4_bn2/bias")
 
 
-class VGG16BN(nn.Module):
+class VGG16BN(Classifier):
     """Narrow VGG16 with BatchNorm (see the module docstring for the layout).
 
     Attributes:
       num_classes: number of output logits.
       dropout_rate: dropout after each hidden dense layer (release: 0.3).
       conv_dropout_rate: dropout after each conv block unit (release: 0.1).
-      dtype: computation dtype; parameters are float32.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
-        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
       pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
         CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
         ``_layers.max_pool_2x2``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
-    num_classes: int
     dropout_rate: float = 0.0
     conv_dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
     pool_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Returns logits of shape ``(batch, num_classes)``.
-
-        Args:
-          x: images, NHWC.
-          train: batch statistics, running-average updates and dropout (using
-            the 'dropout' rng) if True; running averages and no dropout if False.
-
-        Returns:
-          Logits in ``dtype``.
-        """
-
-        def bn(name):
-            return _layers.batch_norm(
-                train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
-            )
-
-        x = jnp.asarray(x, self.dtype)
+    def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         for b, widths in enumerate(VGG16_BLOCKS, start=1):
             for i, width in enumerate(widths, start=1):
-                x = _layers.conv(
-                    width, 3, dtype=self.dtype, impl=self.conv_impl, name=f"block{b}_conv{i}"
-                )(x)
-                x = nn.relu(bn(f"block{b}_bn{i}")(x))
-                x = nn.Dropout(self.conv_dropout_rate, deterministic=not train)(x)
+                x = self._conv(width, 3, name=f"block{b}_conv{i}")(x)
+                x = nn.relu(self._bn(train, f"block{b}_bn{i}")(x))
+                x = self._dropout(self.conv_dropout_rate, x, train)
             x = _layers.max_pool_2x2(x, self.pool_impl)
         x = _layers.global_avg_pool(x)
         for i in (1, 2):
-            x = _layers.dense(512, dtype=self.dtype, name=f"dense{i}")(x)
-            x = nn.relu(bn(f"dense{i}_bn")(x))
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+            x = self._dense(512, f"dense{i}")(x)
+            x = nn.relu(self._bn(train, f"dense{i}_bn")(x))
+            x = self._dropout(self.dropout_rate, x, train)
+        return self._dense(self.num_classes, "head")(x)

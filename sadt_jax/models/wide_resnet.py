@@ -16,58 +16,45 @@ Parameter paths: ``stem_conv``, ``stage{s}_block{b}/{bn1,conv1,bn2,conv2,shortcu
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from sadt_jax.models import _layers
-from sadt_jax.models._layers import Dtype
+from sadt_jax.models._base import Classifier, LayerSettings
 
 #: T2 (output-layer bias, salient tensor) paths: the shift of the last BatchNorm
 #: of stage 2's last block, the same position as for the ResNets.
 T2_TEACHER_PATHS = ("head/bias", "stage2_block4/bn2/bias")
 
 
-class WideBasicBlock(nn.Module):
+class WideBasicBlock(LayerSettings):
     """Pre-activation wide basic block.
 
     Attributes:
       features: output channels.
       strides: stride of the first convolution (and of the shortcut).
       dropout_rate: dropout between the two convolutions.
-      dtype: computation dtype.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
     features: int
     strides: int = 1
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        def bn(name):
-            return _layers.batch_norm(
-                train, dtype=self.dtype, axis_name=self.bn_axis_name, name=name
-            )
-
-        conv = functools.partial(_layers.conv, dtype=self.dtype, impl=self.conv_impl)
         project = self.strides != 1 or x.shape[-1] != self.features
-        h = nn.relu(bn("bn1")(x))
+        h = nn.relu(self._bn(train, "bn1")(x))
         if project:
-            x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(h)
-        y = conv(self.features, 3, strides=self.strides, name="conv1")(h)
-        y = nn.relu(bn("bn2")(y))
-        y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = conv(self.features, 3, name="conv2")(y)
+            x = self._conv(self.features, 1, strides=self.strides, name="shortcut_conv")(h)
+        y = self._conv(self.features, 3, strides=self.strides, name="conv1")(h)
+        y = nn.relu(self._bn(train, "bn2")(y))
+        y = self._dropout(self.dropout_rate, y, train)
+        y = self._conv(self.features, 3, name="conv2")(y)
         return x + y
 
 
-class WideResNet(nn.Module):
+class WideResNet(Classifier):
     """Wide ResNet with pre-activation blocks.
 
     Attributes:
@@ -76,52 +63,29 @@ class WideResNet(nn.Module):
       widen_factor: channel multiplier k (stage widths 16k, 32k, 64k).
       dropout_rate: dropout inside each block (the paper uses 0.3 on CIFAR in
         some runs); default 0.0.
-      dtype: computation dtype; parameters are float32.
-      bn_axis_name: optional ``pmap`` axis for BatchNorm statistics.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on
-        CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
-    num_classes: int
     depth: int = 28
     widen_factor: int = 10
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-    conv_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Returns logits of shape ``(batch, num_classes)``.
-
-        Args:
-          x: images, NHWC.
-          train: batch statistics, running-average updates and dropout (using
-            the 'dropout' rng) if True; running averages and no dropout if False.
-
-        Returns:
-          Logits in ``dtype``.
-        """
+    def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if (self.depth - 4) % 6:
             raise ValueError(f"depth must be 6n + 4, got {self.depth}")
         blocks_per_stage = (self.depth - 4) // 6
         widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
 
-        x = jnp.asarray(x, self.dtype)
-        x = _layers.conv(16, 3, dtype=self.dtype, impl=self.conv_impl, name="stem_conv")(x)
+        x = self._conv(16, 3, name="stem_conv")(x)
         for s, width in enumerate(widths, start=1):
             for b in range(1, blocks_per_stage + 1):
                 x = WideBasicBlock(
                     width,
                     strides=2 if (s > 1 and b == 1) else 1,
                     dropout_rate=self.dropout_rate,
-                    dtype=self.dtype,
-                    bn_axis_name=self.bn_axis_name,
-                    conv_impl=self.conv_impl,
                     name=f"stage{s}_block{b}",
+                    **self._settings(),
                 )(x, train)
-        x = _layers.batch_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, name="final_bn"
-        )(x)
+        x = self._bn(train, "final_bn")(x)
         x = _layers.global_avg_pool(nn.relu(x))
-        return _layers.dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return self._dense(self.num_classes, "head")(x)

@@ -94,6 +94,7 @@ def build_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransfor
         nesterov=o.nesterov,
         weight_decay=o.weight_decay,
         adam_eps=o.adam_eps,
+        adam_eps_placement=o.get("adam_eps_placement", "optax"),
         agc_clip=o.agc_clip,
     )
 

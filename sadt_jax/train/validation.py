@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sadt_jax import models
-from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
+from sadt_jax.algorithm.methods import ADAM_EPS_PLACEMENTS, METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import NOISE_MODES, param_paths
 from sadt_jax.algorithm.step import BN_STATS, KL_DIRECTIONS, OBJECTIVES, TEACHERS
 from sadt_jax.train import builders, steps
@@ -112,6 +112,13 @@ def validate_config(config: Any) -> None:
     errors.append(_choices(config.data.augment, AUGMENTS, "data.augment"))
     errors.append(_choices(config.optim.optimizer, OPTIMIZERS, "optim.optimizer"))
     errors.append(_choices(config.optim.schedule, SCHEDULES, "optim.schedule"))
+    errors.append(
+        _choices(
+            config.optim.get("adam_eps_placement", "optax"),
+            ADAM_EPS_PLACEMENTS,
+            "optim.adam_eps_placement",
+        )
+    )
     for field, valid in (
         ("objective", OBJECTIVES),
         ("teachers", TEACHERS),
