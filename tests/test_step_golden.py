@@ -30,8 +30,11 @@ NUM_CLASSES = 4
 STEPS = 5
 T2_PATHS = ("head/bias", "conv2/bias")
 
-# name -> (method, SADTConfig overrides)
-CASES = {name: (name, {}) for name in sadt_jax.METHODS}
+# name -> (method, SADTConfig overrides). The methods that existed when the values were
+# recorded; methods added later (rdrop) have their own tests.
+RECORDED = ("base", "gc", "agc", "sam", "sadt_t1", "sadt_t2", "sadt_t3", "base_2x")
+RECORDED += ("sadt_t1_1u", "sadt_ema")
+CASES = {name: (name, {}) for name in RECORDED}
 CASES.update(
     {
         "sadt_t1/bn_all": ("sadt_t1", {"bn_stats": "all"}),
