@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from sadt_jax import models
-from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
 from sadt_jax.algorithm.config import sadt_field_errors
+from sadt_jax.algorithm.methods import METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import param_paths
 from sadt_jax.train import builders, steps
 
