@@ -38,8 +38,10 @@ from sadt_jax.algorithm import (
     sadt,
     sadt_t1,
     sadt_update,
+    sadt_update_sharded,
     sam,
     sharpness_teacher,
+    step_keys,
     teacher_gradients,
     tree_norm,
 )
@@ -68,8 +70,10 @@ __all__ = [
     "sadt",
     "sadt_t1",
     "sadt_update",
+    "sadt_update_sharded",
     "sam",
     "sharpness_teacher",
+    "step_keys",
     "teacher_gradients",
     "tree_norm",
 ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -316,3 +318,16 @@ def test_config_sadt_fields_come_from_sadt_config():
         validation.validate_config(config)
     with pytest.raises(ValueError, match="teacher_dropout='own' is not valid"):
         sadt_jax.method_config("sadt_t1", teacher_dropout="own")
+
+
+# --------------------------------------------------------------------------- README
+
+
+def test_readme_own_loop_example_runs(capsys):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("### Use SADT in your own loop", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert np.isfinite(float(namespace["loss"]))
+    assert "cross-entropy" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""``sadt_update`` (T1, T2, T3) against an independent reference of DESIGN.md steps 1-5.
+"""``sadt_update`` (T1, T2, T3) against an independent reference of the algorithm's steps 1-5.
 
-The reference below is written from DESIGN.md ("The algorithm, as released") with plain
+The reference below is written from the algorithm as released (the README's "The algorithm
+and where it lives") with plain
 ``jax.numpy``: its own softmax/CE/KL, its own Adam (Kingma & Ba, epsilon outside the square
 root, lr ``1e-4 * 0.9 ** (t / 1000)`` with ``t`` counting optimizer updates), its own
 Gaussian noise and layer teachers. Only the *key schedule* is taken from ``step.py`` /
@@ -153,7 +154,7 @@ def _set_leaf(params, path, fn):
 
 
 def reference_step(model, params, ms, adam, key, step, batch, *, variant, hp, bn_stats):
-    """DESIGN.md steps 1-5 for one batch; returns (params, ms, adam, metrics)."""
+    """The steps 1-5 for one batch; returns (params, ms, adam, metrics)."""
     x, y = batch["image"], batch["label"]
     k_clean, k_teacher, k_noise = jax.random.split(jax.random.fold_in(key, step), 3)
 
@@ -327,8 +328,10 @@ def test_step_matches_reference(model_name, variant, setting):
 
 
 @pytest.mark.parametrize("variant", ["t1", "t2"])
-def test_bn_stats_all_matches_release_reference(variant):
-    # Running statistics updated by the clean pass, then by each teacher pass in turn.
+def test_bn_stats_all_matches_reference(variant):
+    # Running statistics updated by the clean pass, then by each teacher pass in turn. (Not
+    # the release's SADT, which restores the running statistics after each teacher pass, as
+    # bn_stats="clean" does; the release keeps the perturbed pass's update only for SAM.)
     state, _ = _compare("cnn_bn", variant, "amplified", bn_stats="all", steps=1)
     clean, _ = _compare("cnn_bn", variant, "amplified", bn_stats="clean", steps=1)
     # The two modes are distinguishable at this tolerance (the test is not vacuous).

@@ -5,7 +5,7 @@ from sadt_jax.algorithm.methods import METHODS, make_optimizer, method_config
 from sadt_jax.algorithm.perturbation import layer_teachers, param_paths, perturbation, tree_norm
 from sadt_jax.algorithm.sam import SAMState, TeacherGrads, sam, teacher_gradients
 from sadt_jax.algorithm.state import TrainState
-from sadt_jax.algorithm.step import sadt_update
+from sadt_jax.algorithm.step import sadt_update, sadt_update_sharded, step_keys
 from sadt_jax.algorithm.teachers import (
     ema_teacher,
     identity_teacher,
@@ -34,10 +34,12 @@ __all__ = [
     "param_paths",
     "perturbation",
     "sadt_update",
+    "sadt_update_sharded",
     "sadt",
     "sadt_t1",
     "sam",
     "sharpness_teacher",
+    "step_keys",
     "teacher_gradients",
     "tree_norm",
 ]

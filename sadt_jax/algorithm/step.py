@@ -31,10 +31,14 @@ teacher pass's update in turn (what the release's SAM does with its perturbed pa
 Randomness: ``fold_in(state.key, state.step)`` split into the clean pass's
 dropout key, the teachers' dropout keys (teacher ``k``: ``fold_in(key, k)``, or the
 clean key with ``teacher_dropout="shared"``) and the perturbation noise key, so a
-step is a pure function of ``(state, batch)``. Under ``pmap`` the device index
-(``lax.axis_index``) is folded into both dropout keys, so every device draws its
-own masks; the noise key is not, so every replica forms the same teachers from the
-same averaged gradient.
+step is a pure function of ``(state, batch)`` (:func:`step_keys`). Under ``pmap``
+the device index (``lax.axis_index``) is folded into both dropout keys, so every
+device draws its own masks; the noise key is not, so every replica forms the same
+teachers from the same averaged gradient. Under ``jit`` (also with the batch
+sharded over a mesh) one mask is drawn for the whole batch: a different, equally
+valid random stream. :func:`sadt_update_sharded` reproduces a ``pmap`` run of
+``n`` devices under ``jit`` (``vmap`` over ``n`` shards with a named axis: the same
+per-shard keys, per-shard BatchNorm statistics, averaged gradients).
 
 The ``apply_fn`` contract: ``apply_fn(variables, images, train=True,
 rngs={"dropout": key}, mutable=[...])`` where ``variables = {"params": ...,
@@ -82,7 +86,16 @@ from sadt_jax.algorithm.state import TrainState
 
 PyTree = Any
 
-__all__ = ["BN_STATS", "KL_DIRECTIONS", "OBJECTIVES", "TEACHERS", "SADTConfig", "sadt_update"]
+__all__ = [
+    "BN_STATS",
+    "KL_DIRECTIONS",
+    "OBJECTIVES",
+    "TEACHERS",
+    "SADTConfig",
+    "sadt_update",
+    "sadt_update_sharded",
+    "step_keys",
+]
 
 
 def _forward(apply_fn, params, model_state, images, key):
@@ -106,6 +119,21 @@ def _group(x, m):
 
 def _mean0(tree):
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def step_keys(
+    key: jax.Array, step: jax.Array, axis_name: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(clean_dropout_key, teacher_dropout_key, noise_key)`` of a step.
+
+    ``fold_in(key, step)`` split in three; with ``axis_name`` (``pmap`` or a named
+    ``vmap``) the device / shard index is folded into the two dropout keys.
+    """
+    k_clean, k_teacher, k_noise = jax.random.split(jax.random.fold_in(key, step), 3)
+    if axis_name is not None:
+        device = jax.lax.axis_index(axis_name)
+        k_clean, k_teacher = (jax.random.fold_in(k, device) for k in (k_clean, k_teacher))
+    return k_clean, k_teacher, k_noise
 
 
 def _check(method: Method, state: TrainState, batch_size: int) -> bool:
@@ -162,10 +190,7 @@ def sadt_update(
     images, labels = batch["image"], batch["label"]
     batch_size, m = images.shape[0], method.m_sharpness
     grouped = _check(method, state, batch_size)
-    k_clean, k_teacher, k_noise = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
-    if axis_name is not None:  # own dropout masks per device; the same teachers everywhere
-        device = jax.lax.axis_index(axis_name)
-        k_clean, k_teacher = (jax.random.fold_in(k, device) for k in (k_clean, k_teacher))
+    k_clean, k_teacher, k_noise = step_keys(state.key, state.step, axis_name)
     ema_logits = None
     if method.ema_loss is not None:
         ema_logits, _ = _forward(
@@ -253,6 +278,39 @@ def sadt_update(
         teacher_state=teacher_state,
     )
     return new_state, _pmean(metrics, axis_name)
+
+
+def sadt_update_sharded(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: SADTConfig | Method,
+    num_shards: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`sadt_update` as ``pmap`` over ``num_shards`` devices would run it, under ``jit``.
+
+    The batch is split into ``num_shards`` consecutive shards (as a per-device
+    reshape does) and the step is ``vmap``-ed over them with a named axis, so every
+    shard draws the dropout masks device ``i`` would, BatchNorm statistics are
+    per shard and then averaged, and gradients are averaged — the ``pmap`` step's
+    result on the same global batch, on one device.
+
+    Args:
+      state: the (unreplicated) state.
+      batch: the global batch; its size must be divisible by ``num_shards``.
+      config: as for :func:`sadt_update`.
+      num_shards: the number of devices to reproduce.
+
+    Returns:
+      ``(new_state, metrics)`` as :func:`sadt_update`.
+    """
+    size = batch["image"].shape[0]
+    if size % num_shards:
+        raise ValueError(f"batch size {size} is not divisible by num_shards={num_shards}")
+    shards = jax.tree.map(lambda x: x.reshape((num_shards, -1) + x.shape[1:]), batch)
+    step = functools.partial(sadt_update, config=config, axis_name="shards")
+    out = jax.vmap(step, in_axes=(None, 0), axis_name="shards")(state, shards)
+    return jax.tree.map(lambda x: x[0], out)
 
 
 def _clean_loss(params, x, y, ema_logits, key, *, method, apply_fn, model_state):
