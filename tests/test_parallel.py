@@ -16,7 +16,8 @@ Compared, for ``sadt_t1`` (perturbation scaled up so that the KD gradient matter
   the whole batch, where the per-device statistics equal the global ones and the pmean'd
   gradients, statistics and metrics must again equal the single-device step.
 
-Per-device randomness (every method, a CNN with BatchNorm *and* dropout):
+Per-device randomness (every method on an MLP with dropout; SADT-T1 and T2 also on a CNN
+with BatchNorm *and* dropout):
 
 * ``pmap_vs_sharded``: the ``pmap`` step (2 examples per device) equals
   ``sadt_update_sharded(..., num_shards=8)`` under ``jit`` on the same global batch, which
@@ -75,6 +76,13 @@ _WORKER = textwrap.dedent(
         state = sadt_jax.TrainState.create(
             apply_fn=model.apply, variables=variables, tx=tx, key=jax.random.PRNGKey(5))
         return state, batch
+
+    class DropMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = jnp.tanh(nn.Dense(16, name="hidden")(x.reshape((x.shape[0], -1))))
+            x = nn.Dropout(0.3, deterministic=not train)(x)
+            return nn.Dense(NUM_CLASSES, name="head")(x)
 
     class DropCNN(nn.Module):
         @nn.compact
@@ -141,12 +149,17 @@ _WORKER = textwrap.dedent(
         s8, m8 = pstep(replicate(s0), replicate(batch))
         out[f"pmap_bn_replicated/{method}"] = compare(single, (unstack(s8), unstack(m8)))
 
-    # Per-device randomness, every method, BatchNorm + dropout.
-    for method in sadt_jax.METHODS:
-        cfg = sadt_jax.method_config(method, t2_paths=("head/bias", "conv2/bias"))
+    # Per-device randomness: every method on an MLP with dropout, two on a CNN with
+    # BatchNorm and dropout (per-device BatchNorm statistics, reproduced per shard).
+    CASES = [(m, DropMLP(), (BATCH, 5), ("head/bias", "hidden/bias")) for m in sadt_jax.METHODS]
+    CASES += [(m + "/bn", DropCNN(), (BATCH, 6, 6, 2), ("head/bias", "conv2/bias"))
+              for m in ("sadt_t1", "sadt_t2")]
+    for name, model, shape, t2_paths in CASES:
+        method = name.split("/")[0]
+        cfg = sadt_jax.method_config(method, t2_paths=t2_paths)
         if method.startswith("sadt_t1"):
             cfg = sadt_jax.method_config(method, rho=0.5, noise_std=0.1)
-        s0, batch = setup(DropCNN(), (BATCH, 6, 6, 2), method)
+        s0, batch = setup(model, shape, method)
         if cfg.uses_ema:
             s0 = s0.replace(teacher_state=s0.params)
         pstep = jax.pmap(
@@ -158,15 +171,15 @@ _WORKER = textwrap.dedent(
         emulated = jax.jit(
             functools.partial(sadt_jax.sadt_update_sharded, config=cfg, num_shards=NDEV)
         )(s0, batch)
-        out[f"pmap_vs_sharded/{method}"] = compare(emulated, (unstack(s8), unstack(m8)))
-        if method in CONFIGS:
+        out[f"pmap_vs_sharded/{name}"] = compare(emulated, (unstack(s8), unstack(m8)))
+        if name in CONFIGS:
             single = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))(s0, batch)
             s8, m8 = pstep(replicate(s0), replicate(batch))
             res = compare(single, (unstack(s8), unstack(m8)))
             res["replicas"] = diff(
                 jax.tree.map(lambda x: x[1:], s8.params), jax.tree.map(lambda x: x[:-1], s8.params)
             )
-            out[f"pmap_dropout_replicated/{method}"] = res
+            out[f"pmap_dropout_replicated/{name}"] = res
 
     keys = jax.pmap(
         lambda i: jnp.stack(
@@ -209,7 +222,7 @@ def parallel_results():
 
 
 METHODS = ("base", "gc", "agc", "sam", "sadt_t1", "sadt_t2", "sadt_t3", "base_2x")
-METHODS += ("sadt_t1_1u", "sadt_ema", "rdrop")
+METHODS += ("sadt_t1_1u", "sadt_ema", "rdrop", "sadt_t1/bn", "sadt_t2/bn")
 
 
 @pytest.mark.parametrize("method", METHODS)
