@@ -1,7 +1,7 @@
 r"""``sadt_update``: one pure training step for SADT and every baseline.
 
 The step, for a batch :math:`(x, y)`, parameters :math:`\theta` and base
-optimizer :math:`U` (the algorithm as released; ``docs/algorithm.md``):
+optimizer :math:`U` (the algorithm as released; API in ``docs/api.md``):
 
 1. Clean pass: :math:`z = f(\theta; x)`, :math:`p = \mathrm{softmax}(z)` held
    constant, :math:`g = \nabla_\theta \mathrm{CE}(z, y)`.
