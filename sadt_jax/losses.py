@@ -5,7 +5,7 @@ with a per-example ``mask``, so padded evaluation batches count only real
 examples). Probabilities are always formed with ``log_softmax`` for stability.
 
 The distillation losses follow the two directions the released SADT code uses
-(see :func:`distillation`):
+(docs/algorithm.md, step 4):
 
 * ``kl_divergence(teacher_logits, student_logits)`` is :math:`\mathrm{KL}(q \| p)`
   with :math:`q` the teacher's distribution (T1, T2);

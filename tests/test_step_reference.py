@@ -1,7 +1,6 @@
-"""``sadt_update`` (T1, T2, T3) against an independent reference of the algorithm's steps 1-5.
+"""``sadt_update`` (T1, T2, T3) against an independent reference of docs/algorithm.md steps 1-5.
 
-The reference below is written from the algorithm as released (the README's "The algorithm
-and where it lives") with plain
+The reference below is written from docs/algorithm.md ("One SADT step") with plain
 ``jax.numpy``: its own softmax/CE/KL, its own Adam (Kingma & Ba, epsilon outside the square
 root, lr ``1e-4 * 0.9 ** (t / 1000)`` with ``t`` counting optimizer updates), its own
 Gaussian noise and layer teachers. Only the *key schedule* is taken from ``step.py`` /
@@ -154,7 +153,7 @@ def _set_leaf(params, path, fn):
 
 
 def reference_step(model, params, ms, adam, key, step, batch, *, variant, hp, bn_stats):
-    """The steps 1-5 for one batch; returns (params, ms, adam, metrics)."""
+    """docs/algorithm.md steps 1-5 for one batch; returns (params, ms, adam, metrics)."""
     x, y = batch["image"], batch["label"]
     k_clean, k_teacher, k_noise = jax.random.split(jax.random.fold_in(key, step), 3)
 

@@ -39,7 +39,7 @@ import dataclasses
 
 import optax
 
-from sadt_jax.algorithm.config import SADTConfig
+from sadt_jax.algorithm.step import SADTConfig
 
 __all__ = ["METHODS", "OPTIMIZERS", "make_optimizer", "method_config"]
 
