@@ -12,6 +12,26 @@ import sadt_jax
 NUM_CLASSES = 4
 
 
+class MLP(nn.Module):
+    """Two dense layers, no dropout, no BatchNorm."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = jnp.tanh(nn.Dense(16, name="hidden")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(NUM_CLASSES, name="head")(x)
+
+
+class CNN(nn.Module):
+    """Conv, BatchNorm, conv, dense (no dropout)."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
+        x = nn.relu(nn.Conv(4, (3, 3), name="conv2")(nn.relu(x)))
+        return nn.Dense(NUM_CLASSES, name="head")(x.mean(axis=(1, 2)))
+
+
 class DropoutMLP(nn.Module):
     """Two dense layers with dropout between them (no BatchNorm)."""
 
