@@ -25,31 +25,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from sadt_jax.algorithm.config import cli_fields
 from sadt_jax.algorithm.methods import METHODS
 
-# SADTConfig fields exposed in config.sadt (None = the method's preset value).
-SADT_FIELDS = {
-    "objective": str,
-    "teachers": str,
-    "two_updates": bool,
-    "rho": float,
-    "normalize": bool,
-    "adaptive": bool,
-    "adaptive_eta": float,
-    "noise_std": float,
-    "noise_mode": str,
-    "kl_direction": str,
-    "t2_std": float,
-    "t2_multiplicative_path": str,
-    "t2_additive_path": str,
-    "temperature": float,
-    "kd_weight": float,
-    "ema_decay": float,
-    "ema_weight": float,
-    "m_sharpness": int,
-    "bn_stats": str,
-    "label_smoothing": float,
-}
+# config.sadt's fields: every SADTConfig field (t2_paths as two path strings), derived from
+# SADTConfig itself so the two never drift apart (None = the method's preset value).
+SADT_FIELDS = cli_fields()
 
 
 def parse_method(arg: str | None, default: str) -> str:

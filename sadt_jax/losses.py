@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "cross_entropy",
+    "distillation",
     "kl_divergence",
     "masked_mean",
     "smooth_labels",
@@ -119,6 +120,7 @@ def kl_divergence(
     *,
     temperature: float = 1.0,
     mask: jax.Array | None = None,
+    clip: float = 0.0,
 ) -> jax.Array:
     r"""Batch-averaged :math:`\mathrm{KL}(a \| b) = \sum_c a_c (\log a_c - \log b_c)`.
 
@@ -133,14 +135,53 @@ def kl_divergence(
       logits: logits of the second distribution ``b``.
       temperature: softmax temperature, > 0.
       mask: optional per-example weights.
+      clip: if > 0, clip both probability vectors to ``[clip, 1]`` before the KL, as
+        Keras' ``KLDivergence`` does (with ``clip=1e-7``); 0 (default) computes it
+        exactly from log-probabilities.
 
     Returns:
       Scalar mean KL divergence (nats).
     """
+    if clip:
+        a = jnp.clip(jax.nn.softmax(target_logits.astype(jnp.float32) / temperature), clip, 1.0)
+        b = jnp.clip(jax.nn.softmax(logits.astype(jnp.float32) / temperature), clip, 1.0)
+        return masked_mean(jnp.sum(a * jnp.log(a / b), axis=-1), mask)
     log_a = jax.nn.log_softmax(target_logits.astype(jnp.float32) / temperature, axis=-1)
     log_b = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     per_example = jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
     return masked_mean(per_example, mask)
+
+
+def distillation(
+    teacher_logits: jax.Array,
+    student_logits: jax.Array,
+    *,
+    reverse: bool = False,
+    temperature: float = 1.0,
+    weight: float = 1.0,
+    clip: float = 0.0,
+) -> jax.Array:
+    r"""SADT's distillation loss :math:`w \tau^2 \mathrm{KL}`.
+
+    ``reverse=False``: :math:`\mathrm{KL}(q \| p)` with :math:`q` the teacher's and
+    :math:`p` the student's (clean) distribution (SADT-T1, T2); ``reverse=True``:
+    :math:`\mathrm{KL}(p \| q)` (SADT-T3). Bind the options with ``functools.partial``
+    to get a method's loss as a value.
+
+    Args:
+      teacher_logits: the teacher pass's logits (differentiated).
+      student_logits: the clean pass's logits (hold them constant with
+        ``jax.lax.stop_gradient``).
+      reverse: the direction, see above.
+      temperature: :math:`\tau` (> 0); the loss is scaled by :math:`\tau^2` (Hinton et al.).
+      weight: :math:`w`.
+      clip: probability clip of :func:`kl_divergence` (0: off).
+
+    Returns:
+      The scalar loss.
+    """
+    a, b = (student_logits, teacher_logits) if reverse else (teacher_logits, student_logits)
+    return weight * temperature**2 * kl_divergence(a, b, temperature=temperature, clip=clip)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -15,6 +15,16 @@ Compared, for ``sadt_t1`` (perturbation scaled up so that the KD gradient matter
   the BN CNN is not comparable this way; for it ``pmap_bn_replicated`` feeds every device
   the whole batch, where the per-device statistics equal the global ones and the pmean'd
   gradients, statistics and metrics must again equal the single-device step.
+
+Per-device randomness (every method on an MLP with dropout; SADT-T1 and T2 also on a CNN
+with BatchNorm *and* dropout):
+
+* ``pmap_vs_sharded``: the ``pmap`` step (2 examples per device) equals
+  ``sadt_update_sharded(..., num_shards=8)`` under ``jit`` on the same global batch, which
+  draws each shard's dropout masks from the keys device ``i`` uses;
+* ``pmap_dropout_replicated``: every device fed the whole batch no longer equals the
+  single-device step (each device draws its own mask), the replicas still agree, and the
+  step's dropout keys differ per device while its noise key does not.
 """
 
 from __future__ import annotations
@@ -66,6 +76,22 @@ _WORKER = textwrap.dedent(
         state = sadt_jax.TrainState.create(
             apply_fn=model.apply, variables=variables, tx=tx, key=jax.random.PRNGKey(5))
         return state, batch
+
+    class DropMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = jnp.tanh(nn.Dense(16, name="hidden")(x.reshape((x.shape[0], -1))))
+            x = nn.Dropout(0.3, deterministic=not train)(x)
+            return nn.Dense(NUM_CLASSES, name="head")(x)
+
+    class DropCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
+            x = nn.relu(nn.Conv(4, (3, 3), name="conv2")(nn.relu(x)))
+            x = nn.Dropout(0.3, deterministic=not train)(x.mean(axis=(1, 2)))
+            return nn.Dense(NUM_CLASSES, name="head")(x)
 
     CONFIGS = {
         "sadt_t1": sadt_jax.method_config("sadt_t1", rho=0.5, noise_std=0.1),
@@ -122,6 +148,51 @@ _WORKER = textwrap.dedent(
         single = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))(s0, batch)
         s8, m8 = pstep(replicate(s0), replicate(batch))
         out[f"pmap_bn_replicated/{method}"] = compare(single, (unstack(s8), unstack(m8)))
+
+    # Per-device randomness: every method on an MLP with dropout, two on a CNN with
+    # BatchNorm and dropout (per-device BatchNorm statistics, reproduced per shard).
+    CASES = [(m, DropMLP(), (BATCH, 5), ("head/bias", "hidden/bias")) for m in sadt_jax.METHODS]
+    CASES += [(m + "/bn", DropCNN(), (BATCH, 6, 6, 2), ("head/bias", "conv2/bias"))
+              for m in ("sadt_t1", "sadt_t2")]
+    for name, model, shape, t2_paths in CASES:
+        method = name.split("/")[0]
+        cfg = sadt_jax.method_config(method, t2_paths=t2_paths)
+        if method.startswith("sadt_t1"):
+            cfg = sadt_jax.method_config(method, rho=0.5, noise_std=0.1)
+        s0, batch = setup(model, shape, method)
+        if cfg.uses_ema:
+            s0 = s0.replace(teacher_state=s0.params)
+        pstep = jax.pmap(
+            functools.partial(sadt_jax.sadt_update, config=cfg, axis_name="batch"),
+            axis_name="batch",
+        )
+        per_device = jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), batch)
+        s8, m8 = pstep(replicate(s0), per_device)
+        emulated = jax.jit(
+            functools.partial(sadt_jax.sadt_update_sharded, config=cfg, num_shards=NDEV)
+        )(s0, batch)
+        out[f"pmap_vs_sharded/{name}"] = compare(emulated, (unstack(s8), unstack(m8)))
+        if name in CONFIGS:
+            single = jax.jit(functools.partial(sadt_jax.sadt_update, config=cfg))(s0, batch)
+            s8, m8 = pstep(replicate(s0), replicate(batch))
+            res = compare(single, (unstack(s8), unstack(m8)))
+            res["replicas"] = diff(
+                jax.tree.map(lambda x: x[1:], s8.params), jax.tree.map(lambda x: x[:-1], s8.params)
+            )
+            out[f"pmap_dropout_replicated/{name}"] = res
+
+    keys = jax.pmap(
+        lambda i: jnp.stack(
+            [jax.random.key_data(k) for k in sadt_jax.step_keys(jax.random.PRNGKey(0), 3, "batch")]
+        ),
+        axis_name="batch",
+    )(jnp.arange(NDEV))
+    keys = np.asarray(keys)
+    out["keys"] = {
+        "distinct_clean": len({tuple(k[0]) for k in keys}),
+        "distinct_teacher": len({tuple(k[1]) for k in keys}),
+        "distinct_noise": len({tuple(k[2]) for k in keys}),
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -148,6 +219,30 @@ def parallel_results():
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
+
+
+METHODS = ("base", "gc", "agc", "sam", "sadt_t1", "sadt_t2", "sadt_t3", "base_2x")
+METHODS += ("sadt_t1_1u", "sadt_ema", "rdrop", "sadt_t1/bn", "sadt_t2/bn")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pmap_equals_jit_with_the_same_per_shard_randomness(parallel_results, method):
+    res = parallel_results[f"pmap_vs_sharded/{method}"]
+    assert res["moved"] > 1e-3, res
+    for key in ("params", "model_state", "metrics"):
+        assert res[key] <= TOL, (key, res)
+
+
+@pytest.mark.parametrize("method", ["sadt_t1", "sam"])
+def test_pmap_devices_draw_their_own_dropout_masks(parallel_results, method):
+    res = parallel_results[f"pmap_dropout_replicated/{method}"]
+    assert res["params"] > 1e-4, res  # not the single-device step's one mask
+    assert res["replicas"] == 0.0, res  # yet every replica holds the same parameters
+    assert parallel_results["keys"] == {
+        "distinct_clean": 8,
+        "distinct_teacher": 8,
+        "distinct_noise": 1,
+    }
 
 
 @pytest.mark.parametrize("mode", ["mesh", "pmap", "pmap_bn_replicated"])

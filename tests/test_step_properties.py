@@ -10,41 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import CNN, MLP, make_batch
 
 import sadt_jax
 
-NUM_CLASSES = 4
 BATCH = 8
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-        x = jnp.tanh(nn.Dense(16, name="hidden")(x.reshape((x.shape[0], -1))))
-        return nn.Dense(NUM_CLASSES, name="head")(x)
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-        x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
-        x = nn.relu(nn.Conv(4, (3, 3), name="conv2")(nn.relu(x)))
-        return nn.Dense(NUM_CLASSES, name="head")(x.mean(axis=(1, 2)))
-
-
-def _batch(shape, seed=0):
-    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-    return {
-        "image": jax.random.normal(kx, shape),
-        "label": jax.random.randint(ky, (shape[0],), 0, NUM_CLASSES),
-    }
+_batch = make_batch
 
 
 def _state(model, batch, method="sadt_t1", key=0, lr=1e-2, **create_kw):
@@ -266,7 +242,8 @@ def test_bn_stats_clean_equals_clean_pass(cnn_setup):
         mutable=["batch_stats"],
     )
     assert _max_diff(new.model_state, clean) <= 1e-7
-    # The release's "all" mode differs (teacher passes update the statistics too).
+    # The "all" mode differs (teacher passes update the statistics too; the release's SADT
+    # restores them after each teacher pass, i.e. it is the "clean" mode).
     release, _ = sadt_jax.sadt_update(state, batch, config=dataclasses.replace(cfg, bn_stats="all"))
     assert _max_diff(release.model_state, clean) > 1e-5
 

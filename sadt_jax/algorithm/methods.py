@@ -17,10 +17,18 @@ sadt_t3        SADT, noise teacher eps = 1e-4 xi, KL(p||q)
 base_2x        control: base with two updates per batch (equal updates to SADT)
 sadt_t1_1u     SADT-T1 with one update per batch (theta' = theta)
 sadt_ema       SADT with an EMA teacher (decay 0.999) beside the sampled T1 teacher
+rdrop          control: teacher = theta' itself (only a fresh dropout mask differs,
+               R-Drop-like), KL(q||p), two updates per batch as sadt_t1
 =============  ==================================================================
+
+Ablation switches are ``SADTConfig`` fields: ``kd_weight=0`` (teachers off, the
+second update reuses g), ``teacher_dropout="shared"`` (teacher passes reuse the
+clean pass's dropout mask), ``bn_stats``, ``kl_clip``.
 
 References:
   Yong et al., 2020, "Gradient Centralization" (arXiv 2004.01461).
+  Liang et al., 2021, "R-Drop: Regularized Dropout for Neural Networks"
+  (arXiv 2106.14448).
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization" (arXiv 2102.06171), for AGC.
 """
@@ -66,6 +74,7 @@ METHODS: dict[str, SADTConfig] = {
     "base_2x": dataclasses.replace(_BASE, two_updates=True),
     "sadt_t1_1u": dataclasses.replace(_T1, two_updates=False),
     "sadt_ema": dataclasses.replace(_T1, ema_decay=0.999, ema_weight=1.0),
+    "rdrop": dataclasses.replace(_T1, teachers="identity", rho=0.0, noise_std=0.0),
 }
 
 # Gradient transforms placed in front of the base optimizer, per method.

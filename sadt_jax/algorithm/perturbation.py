@@ -204,7 +204,7 @@ def layer_teachers(
     key: jax.Array,
     *,
     multiplicative_path: str,
-    additive_path: str,
+    additive_path: str | None,
     std: float = 0.1,
 ) -> tuple[PyTree, PyTree]:
     r"""SADT-T2's two "layer" teachers, each formed from ``params`` alone.
@@ -216,13 +216,15 @@ def layer_teachers(
       uses the second convolution's bias).
 
     Every other leaf is shared with ``params``. Teacher B starts from ``params``,
-    not from teacher A.
+    not from teacher A. With ``additive_path=None`` teacher B is ``params``
+    unperturbed — what the release does for models where its index of B's tensor
+    falls on a non-trainable BatchNorm running variance (restored after the pass).
 
     Args:
       params: parameters :math:`\theta'` the teachers start from.
       key: PRNG key (split into one key per teacher).
       multiplicative_path: '/'-joined path of teacher A's leaf.
-      additive_path: '/'-joined path of teacher B's leaf.
+      additive_path: '/'-joined path of teacher B's leaf, or ``None`` (B = ``params``).
       std: noise standard deviation (0.1 in the release).
 
     Returns:
@@ -232,7 +234,8 @@ def layer_teachers(
       ValueError: if a path does not exist (the message lists the valid paths).
     """
     _check_path(params, multiplicative_path)
-    _check_path(params, additive_path)
+    if additive_path is not None:
+        _check_path(params, additive_path)
     key_a, key_b = jax.random.split(key)
 
     def teacher(path: str, k: jax.Array, combine):
@@ -245,5 +248,7 @@ def layer_teachers(
         return jax.tree_util.tree_map_with_path(f, params)
 
     teacher_a = teacher(multiplicative_path, key_a, lambda w, n: w * n)
+    if additive_path is None:
+        return teacher_a, params
     teacher_b = teacher(additive_path, key_b, lambda w, n: w + n)
     return teacher_a, teacher_b

@@ -33,7 +33,13 @@ class TrainState:
       opt_state: state of ``tx`` (advanced twice per batch in two-update mode).
       teacher_state: EMA teacher parameters when the EMA teacher is on, else ``{}``.
       key: base PRNG key; the step's randomness is ``fold_in(key, step)``.
-      apply_fn: the flax ``Module.apply`` (static).
+      apply_fn: the flax ``Module.apply`` (static). Contract: it is called as
+        ``apply_fn({"params": params, **model_state}, images, train=True,
+        rngs={"dropout": key}, mutable=list(model_state))`` and returns
+        ``(logits, new_model_state)`` when ``model_state`` is non-empty, else it is
+        called without ``mutable=`` and returns the logits; so the model's
+        ``__call__`` takes ``train``, draws dropout from the ``"dropout"`` RNG stream
+        and keeps running statistics in ``model_state``'s collections.
       tx: the base optax optimizer (static).
     """
 
@@ -63,7 +69,8 @@ class TrainState:
           variables: output of ``model.init``: ``{"params": ..., "batch_stats": ...}``.
           tx: the base optimizer (e.g. from :func:`sadt_jax.make_optimizer`).
           key: PRNG key for per-step randomness (dropout, noise, teachers).
-          ema_teacher: keep an EMA copy of the parameters as a teacher.
+          ema_teacher: keep an EMA copy of the parameters as a teacher (needed by
+            methods with ``ema_decay > 0``, e.g. ``sadt_ema``).
 
         Returns:
           A ``TrainState`` at step 0.

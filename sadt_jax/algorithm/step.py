@@ -1,31 +1,52 @@
 r"""``sadt_update``: one pure training step for SADT and every baseline.
 
 The step, for a batch :math:`(x, y)`, parameters :math:`\theta` and base
-optimizer :math:`U` (DESIGN.md, "The algorithm, as released"):
+optimizer :math:`U` (the algorithm as released; API in ``docs/api.md``):
 
 1. Clean pass: :math:`z = f(\theta; x)`, :math:`p = \mathrm{softmax}(z)` held
    constant, :math:`g = \nabla_\theta \mathrm{CE}(z, y)`.
 2. First update (``two_updates=True``): :math:`\theta' = \theta + U(g)`;
    otherwise :math:`\theta' = \theta`.
-3. Teachers :math:`\theta_k = \theta' + \epsilon_k` (T1: :math:`\rho(g + \sigma\xi)`;
-   T2: the two layer teachers; T3: :math:`\sigma \xi`).
+3. Teachers :math:`\theta_k`, sampled from :math:`(\theta', g, \text{key})` by the
+   method's teacher sampler (T1: :math:`\theta' + \rho(g + \sigma\xi)`; T2: the two
+   layer teachers; T3: :math:`\theta' + \sigma \xi`; R-Drop: :math:`\theta'`).
 4. :math:`g_{KD} = \sum_k \nabla_\phi\, w \tau^2\, \mathrm{KL}(\cdot)\big|_{\phi = \theta_k}`,
    with :math:`\mathrm{KL}(q_k \| p)` (T1, T2) or :math:`\mathrm{KL}(p \| q)` (T3),
    :math:`q_k = \mathrm{softmax}(f(\theta_k; x))` in training mode.
 5. :math:`\theta \leftarrow \theta' + U(g + g_{KD})`.
 
-The same function runs the baselines: ``objective="base"`` skips 3–4 (and with
-``two_updates=True`` is the *equal-updates control*: a second CE gradient at
-:math:`\theta'` and a second update), ``objective="sam"`` replaces
-:math:`g + g_{KD}` by :math:`\nabla \mathrm{CE}(\theta' + \epsilon)`.
+Steps 3–4 are :func:`sadt_jax.algorithm.sam.teacher_gradients` — the function
+behind the ``sam`` transformation — with the distillation gradient as its
+``grad_fn``. The method is one value, a :class:`~sadt_jax.algorithm.config.Method`
+(teacher sampler, second-pass loss, flags), built once from a :class:`SADTConfig`;
+the same function runs the baselines: no teacher (``base``), the identity teacher
+with the CE loss and ``g`` replaced (the *equal-updates control* ``base_2x``), the
+sharpness teacher with the CE loss (``sam``: :math:`\nabla \mathrm{CE}(\theta' + \epsilon)`).
 
-BatchNorm: by default the running statistics come from the clean pass alone
-(as in google-research/sam); ``bn_stats="all"`` reproduces the release, where
-every training-mode forward (clean, then each teacher) updates them in turn.
+BatchNorm: by default (``bn_stats="clean"``) the running statistics come from the
+clean pass alone — the release's SADT, which restores every weight, running
+statistics included, after each teacher pass; ``bn_stats="all"`` keeps each
+teacher pass's update in turn (what the release's SAM does with its perturbed pass).
 
 Randomness: ``fold_in(state.key, state.step)`` split into the clean pass's
-dropout key, the teachers' dropout keys and the perturbation noise key, so a
-step is a pure function of ``(state, batch)``.
+dropout key, the teachers' dropout keys (teacher ``k``: ``fold_in(key, k)``, or the
+clean key with ``teacher_dropout="shared"``) and the perturbation noise key, so a
+step is a pure function of ``(state, batch)`` (:func:`step_keys`). Under ``pmap``
+the device index (``lax.axis_index``) is folded into both dropout keys, so every
+device draws its own masks; the noise key is not, so every replica forms the same
+teachers from the same averaged gradient. Under ``jit`` (also with the batch
+sharded over a mesh) one mask is drawn for the whole batch: a different, equally
+valid random stream. :func:`sadt_update_sharded` reproduces a ``pmap`` run of
+``n`` devices under ``jit`` (``vmap`` over ``n`` shards with a named axis: the same
+per-shard keys, per-shard BatchNorm statistics, averaged gradients).
+
+The ``apply_fn`` contract: ``apply_fn(variables, images, train=True,
+rngs={"dropout": key}, mutable=[...])`` where ``variables = {"params": ...,
+**model_state}``; with a non-empty ``model_state`` (e.g. ``{"batch_stats": ...}``)
+it is called with ``mutable=list(model_state)`` and must return
+``(logits, new_model_state)``, else it returns the logits. flax.linen modules
+whose ``__call__`` takes ``train`` and uses ``nn.Dropout``/``nn.BatchNorm``
+meet it (``model.apply``).
 
 Parallelism: under ``jax.jit`` with the batch sharded over a mesh nothing is
 needed; under ``pmap`` pass ``axis_name`` and gradients, BatchNorm statistics
@@ -42,8 +63,7 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
@@ -51,108 +71,31 @@ import jax.numpy as jnp
 import optax
 
 from sadt_jax import losses
-from sadt_jax.algorithm.perturbation import (
-    NOISE_MODES,
-    layer_teachers,
-    perturbation,
-    tree_add,
-    tree_norm,
+from sadt_jax.algorithm.config import (
+    BN_STATS,
+    KL_DIRECTIONS,
+    OBJECTIVES,
+    TEACHERS,
+    Method,
+    SADTConfig,
+    build_method,
 )
+from sadt_jax.algorithm.perturbation import tree_norm
+from sadt_jax.algorithm.sam import teacher_gradients
 from sadt_jax.algorithm.state import TrainState
 
 PyTree = Any
 
-__all__ = ["SADTConfig", "sadt_update"]
-
-OBJECTIVES = ("base", "sam", "sadt")
-TEACHERS = ("t1", "t2", "t3", "ema")
-KL_DIRECTIONS = ("teacher_student", "student_teacher")
-BN_STATS = ("clean", "all")
-
-
-@dataclasses.dataclass(frozen=True)
-class SADTConfig:
-    """Static hyperparameters of :func:`sadt_update` (hashable, bound with ``partial``).
-
-    Attributes:
-      objective: ``"base"`` (plain optimizer), ``"sam"`` (gradient at the perturbed
-        point replaces ``g``) or ``"sadt"`` (``g + g_KD`` from sampled teachers).
-      teachers: for ``"sadt"``: ``"t1"`` (sharpness-aware), ``"t2"`` (two layer
-        teachers), ``"t3"`` (noise) or ``"ema"`` (EMA teacher only).
-      two_updates: the release's two optimizer updates per batch.
-      rho: perturbation radius / scale (float or ``step -> rho`` schedule).
-      normalize: bounded perturbation ``rho * g / (||g|| + eps)``.
-      adaptive: ASAM scaling; ``adaptive_eta`` is its eta.
-      noise_std: std of the Gaussian noise on rank > 1 tensors.
-      noise_mode: ``"direction"`` (``rho * (d + std * xi)``) or ``"additive"``
-        (``rho * d + std * xi``).
-      kl_direction: ``"teacher_student"``: KL(q || p) (T1, T2);
-        ``"student_teacher"``: KL(p || q) (T3).
-      t2_std: std of T2's noise; ``t2_paths``: (multiplicative, additive) leaf paths.
-      temperature: distillation temperature tau (the KD term is scaled by tau^2).
-      kd_weight: weight w of each KD term (1 in the release).
-      ema_decay: > 0 keeps an EMA teacher in ``state.teacher_state``.
-      ema_weight: weight of ``tau^2 KL(q_ema || p_theta)`` added to the clean loss.
-      m_sharpness: if > 0, perturb per group of this many examples (per device).
-      bn_stats: ``"clean"`` (default) or ``"all"`` (release: teachers update too).
-      label_smoothing: label smoothing of the clean cross-entropy.
-      eps: epsilon in norms.
-    """
-
-    objective: str = "sadt"
-    teachers: str = "t1"
-    two_updates: bool = True
-    rho: float | Callable[[jax.Array], jax.Array] = 1e-3
-    normalize: bool = False
-    adaptive: bool = False
-    adaptive_eta: float = 0.0
-    noise_std: float = 1e-4
-    noise_mode: str = "direction"
-    kl_direction: str = "teacher_student"
-    t2_std: float = 0.1
-    t2_paths: tuple[str, str] | None = None
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ema_decay: float = 0.0
-    ema_weight: float = 0.0
-    m_sharpness: int = 0
-    bn_stats: str = "clean"
-    label_smoothing: float = 0.0
-    eps: float = 1e-12
-
-    def __post_init__(self):
-        def check(ok, msg):
-            if not ok:
-                raise ValueError(f"SADTConfig: {msg}")
-
-        check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}")
-        check(self.teachers in TEACHERS, f"teachers must be one of {TEACHERS}")
-        check(self.noise_mode in NOISE_MODES, f"noise_mode must be one of {NOISE_MODES}")
-        check(self.kl_direction in KL_DIRECTIONS, f"kl_direction must be one of {KL_DIRECTIONS}")
-        check(self.bn_stats in BN_STATS, f"bn_stats must be one of {BN_STATS}")
-        check(callable(self.rho) or self.rho >= 0, "rho must be >= 0")
-        check(self.noise_std >= 0, "noise_std must be >= 0")
-        check(self.temperature > 0, "temperature must be > 0")
-        check(0 <= self.kd_weight <= 1, "kd_weight must be in [0, 1]")
-        check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
-        check(self.m_sharpness >= 0, "m_sharpness must be >= 0")
-        check(
-            self.teachers != "ema" or self.ema_decay > 0,
-            "teachers='ema' needs ema_decay > 0",
-        )
-
-    @property
-    def uses_ema(self) -> bool:
-        return self.ema_decay > 0
-
-    @property
-    def second_pass(self) -> str:
-        """What the second gradient differentiates: 'none', 'ce' or 'kd'."""
-        if self.objective == "sam":
-            return "ce"
-        if self.objective == "base":
-            return "ce" if self.two_updates else "none"
-        return "none" if self.teachers == "ema" else "kd"
+__all__ = [
+    "BN_STATS",
+    "KL_DIRECTIONS",
+    "OBJECTIVES",
+    "TEACHERS",
+    "SADTConfig",
+    "sadt_update",
+    "sadt_update_sharded",
+    "step_keys",
+]
 
 
 def _forward(apply_fn, params, model_state, images, key):
@@ -174,19 +117,57 @@ def _group(x, m):
     return x.reshape((x.shape[0] // m, m) + x.shape[1:])
 
 
+def _mean0(tree):
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def step_keys(
+    key: jax.Array, step: jax.Array, axis_name: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(clean_dropout_key, teacher_dropout_key, noise_key)`` of a step.
+
+    ``fold_in(key, step)`` split in three; with ``axis_name`` (``pmap`` or a named
+    ``vmap``) the device / shard index is folded into the two dropout keys.
+    """
+    k_clean, k_teacher, k_noise = jax.random.split(jax.random.fold_in(key, step), 3)
+    if axis_name is not None:
+        device = jax.lax.axis_index(axis_name)
+        k_clean, k_teacher = (jax.random.fold_in(k, device) for k in (k_clean, k_teacher))
+    return k_clean, k_teacher, k_noise
+
+
+def _check(method: Method, state: TrainState, batch_size: int) -> bool:
+    """Static checks; returns whether the batch is split into m-sharpness groups."""
+    m = method.m_sharpness
+    if m > batch_size or (0 < m < batch_size and batch_size % m):
+        raise ValueError(
+            f"m_sharpness={m} must divide (and not exceed) the per-device batch size {batch_size}; "
+            "choose a divisor or set m_sharpness=0"
+        )
+    if method.ema_decay > 0 and not jax.tree.leaves(state.teacher_state):
+        raise ValueError(
+            "this method keeps an EMA teacher (ema_decay > 0) but state.teacher_state is empty; "
+            "create the state with TrainState.create(..., ema_teacher=True)"
+        )
+    return 0 < m < batch_size
+
+
 def sadt_update(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
-    config: SADTConfig,
+    config: SADTConfig | Method,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     r"""One SADT (or baseline) step; pure, jittable, ``pmap``-able.
 
     Args:
-      state: the :class:`~sadt_jax.TrainState`.
+      state: the :class:`~sadt_jax.TrainState`; ``state.apply_fn`` must meet the
+        contract in this module's docstring (``train=``, the ``"dropout"`` RNG stream
+        via ``rngs=``, ``mutable=`` for the ``model_state`` collections).
       batch: ``{"image": (B, ...), "label": (B,) int or (B, C) soft}``.
-      config: a :class:`SADTConfig` (static; bind it with ``functools.partial``).
+      config: a :class:`SADTConfig` (built into a :class:`Method` once, cached) or a
+        :class:`Method` (static; bind it with ``functools.partial``).
       axis_name: the ``pmap`` axis name to average over, or ``None`` under ``jit``.
 
     Returns:
@@ -205,178 +186,83 @@ def sadt_update(
     References:
       Fahim & Boutellier, 2022 (arXiv 2211.00310).
     """
-    cfg = config
-    if cfg.second_pass == "kd" and cfg.teachers == "t2" and cfg.t2_paths is None:
-        raise ValueError(
-            "SADTConfig: teachers='t2' needs t2_paths=(multiplicative_path, additive_path), "
-            "e.g. sadt_jax.models.t2_teacher_paths(model_name)"
-        )
+    method = config if isinstance(config, Method) else build_method(config)
     images, labels = batch["image"], batch["label"]
-    batch_size = images.shape[0]
-    m = cfg.m_sharpness
-    grouped = 0 < m < batch_size
-    if m > batch_size or (grouped and batch_size % m):
-        raise ValueError(
-            f"m_sharpness={m} must divide (and not exceed) the per-device batch size {batch_size}; "
-            "choose a divisor or set m_sharpness=0"
-        )
-
-    step_key = jax.random.fold_in(state.key, state.step)
-    k_clean, k_teacher, k_noise = jax.random.split(step_key, 3)
-    tau = cfg.temperature
-    rho = cfg.rho(state.step) if callable(cfg.rho) else cfg.rho
-
-    # Teacher logits of the EMA teacher (constant), if any.
+    batch_size, m = images.shape[0], method.m_sharpness
+    grouped = _check(method, state, batch_size)
+    k_clean, k_teacher, k_noise = step_keys(state.key, state.step, axis_name)
     ema_logits = None
-    if cfg.uses_ema and cfg.ema_weight:
+    if method.ema_loss is not None:
         ema_logits, _ = _forward(
             state.apply_fn, state.teacher_state, state.model_state, images, k_teacher
         )
         ema_logits = jax.lax.stop_gradient(ema_logits)
 
-    # ---- 1. Clean pass ---------------------------------------------------------
-    def clean_loss(params, x, y, ema_z, key):
-        logits, new_ms = _forward(state.apply_fn, params, state.model_state, x, key)
-        ce = losses.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        loss, ema_kd = ce, jnp.zeros([], jnp.float32)
-        if ema_z is not None:
-            ema_kd = tau**2 * losses.kl_divergence(ema_z, logits, temperature=tau)
-            loss = ce + cfg.ema_weight * ema_kd
-        return loss, (logits, new_ms, ce, ema_kd)
-
+    # 1. Clean gradient (per m-sharpness group, if any).
+    clean_loss = functools.partial(
+        _clean_loss, method=method, apply_fn=state.apply_fn, model_state=state.model_state
+    )
     clean_grad = jax.grad(clean_loss, has_aux=True)
     if grouped:
-        g_groups, (logits, new_ms, ce, ema_kd) = _grouped_clean(
-            clean_grad, state.params, images, labels, ema_logits, k_clean, m
-        )
-        g = jax.tree.map(lambda x: jnp.mean(x, axis=0), g_groups)
+        groups = batch_size // m
+        k_clean = jax.random.split(k_clean, groups)
+        ema = None if ema_logits is None else _group(ema_logits, m)
+        g_local, (logits, new_ms, ce, ema_kd) = jax.vmap(
+            clean_grad, in_axes=(None, 0, 0, None if ema is None else 0, 0)
+        )(state.params, _group(images, m), _group(labels, m), ema, k_clean)
+        g, new_ms, ce, ema_kd = _mean0((g_local, new_ms, ce, ema_kd))
         logits = logits.reshape((batch_size,) + logits.shape[2:])
-        new_ms = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_ms)
-        ce, ema_kd = jnp.mean(ce), jnp.mean(ema_kd)
     else:
         g, (logits, new_ms, ce, ema_kd) = clean_grad(
             state.params, images, labels, ema_logits, k_clean
         )
-        g_groups = None
-    g = _pmean(g, axis_name)
-    new_ms = _pmean(new_ms, axis_name)
-    p_logits = jax.lax.stop_gradient(logits)
+    g, new_ms = _pmean((g, new_ms), axis_name)
+    if not grouped:  # teachers from the global gradient
+        g_local = g
 
-    # ---- 2. First update --------------------------------------------------------
+    # 2. Optional first update.
     opt_state = state.opt_state
-    if cfg.two_updates:
+    if method.two_updates:
         u1, opt_state = state.tx.update(g, opt_state, state.params)
         anchor = optax.apply_updates(state.params, u1)
     else:
         anchor = state.params
 
-    # ---- 3-4. Teachers and the second gradient ---------------------------------
-    second = cfg.second_pass
+    # 3-4. The teachers' gradient (the `sam` transformation's core).
     zero = jnp.zeros([], jnp.float32)
-    kd_total, sharp, pert_norm, g2_norm = zero, zero, zero, zero
-    if second == "none":
-        final = g
-    else:
-
-        def second_grad(g_local, x, y, z_clean, ce_clean, ms, key_drop, key_noise):
-            """Second gradient for one group; returns (grad, (kd, sharpness, eps_norm, ms))."""
-            if cfg.objective == "sadt" and cfg.teachers == "t2":
-                mult_path, add_path = cfg.t2_paths
-                teacher_params = list(
-                    layer_teachers(
-                        anchor,
-                        key_noise,
-                        multiplicative_path=mult_path,
-                        additive_path=add_path,
-                        std=cfg.t2_std,
-                    )
-                )
-                eps_norms = [
-                    tree_norm(jax.tree.map(jnp.subtract, t, anchor)) for t in teacher_params
-                ]
-            elif second == "ce" and cfg.objective == "base":
-                teacher_params, eps_norms = [anchor], [zero]
-            else:
-                eps_tree = perturbation(
-                    g_local,
-                    anchor,
-                    key_noise,
-                    rho=rho,
-                    normalize=cfg.normalize,
-                    adaptive=cfg.adaptive,
-                    adaptive_eta=cfg.adaptive_eta,
-                    noise_std=cfg.noise_std,
-                    noise_mode=cfg.noise_mode,
-                    eps=cfg.eps,
-                )
-                teacher_params, eps_norms = [tree_add(anchor, eps_tree)], [tree_norm(eps_tree)]
-
-            def teacher_loss(phi, ms_in, key):
-                t_logits, ms_out = _forward(state.apply_fn, phi, ms_in, x, key)
-                t_ce = losses.cross_entropy(t_logits, y, label_smoothing=cfg.label_smoothing)
-                if second == "ce":
-                    return t_ce, (t_ce, t_ce, ms_out)
-                if cfg.kl_direction == "teacher_student":
-                    kl = losses.kl_divergence(t_logits, z_clean, temperature=tau)
-                else:
-                    kl = losses.kl_divergence(z_clean, t_logits, temperature=tau)
-                kd = cfg.kd_weight * tau**2 * kl
-                return kd, (kd, t_ce, ms_out)
-
-            total = None
-            kd_sum, sharp_sum = zero, zero
-            for i, phi in enumerate(teacher_params):
-                gk, (kd, t_ce, ms_out) = jax.grad(teacher_loss, has_aux=True)(
-                    phi, ms, jax.random.fold_in(key_drop, i)
-                )
-                if cfg.bn_stats == "all":
-                    ms = ms_out
-                total = gk if total is None else jax.tree.map(jnp.add, total, gk)
-                if second == "kd":
-                    kd_sum = kd_sum + kd
-                sharp_sum = sharp_sum + (t_ce - ce_clean)
-            n = len(teacher_params)
-            return total, (kd_sum, sharp_sum / n, sum(eps_norms) / n, ms)
-
+    kd, sharp, pert_norm, g2_norm, final = zero, zero, zero, zero, g
+    if method.teacher is not None:
+        args = (g_local, images, labels, jax.lax.stop_gradient(logits), new_ms)
+        args += (k_clean, k_teacher, k_noise)
+        fn = lambda *a: _second_grad(method, state, anchor, ce, *a)  # noqa: E731
         if grouped:
-            groups = batch_size // m
-            g2, (kd_total, sharp, pert_norm, ms_after) = jax.vmap(
-                second_grad, in_axes=(0, 0, 0, 0, None, 0, 0, 0)
-            )(
-                g_groups,
-                _group(images, m),
-                _group(labels, m),
-                _group(p_logits, m),
-                ce,
-                jax.tree.map(lambda x: jnp.broadcast_to(x, (groups,) + x.shape), new_ms),
-                jax.random.split(k_teacher, groups),
-                jax.random.split(k_noise, groups),
+            grouped_args = (*(_group(x, m) for x in args[1:4]),)
+            keys = (k_clean, jax.random.split(k_teacher, groups), jax.random.split(k_noise, groups))
+            g2, (kd, sharp, pert_norm, ms_after) = _mean0(
+                jax.vmap(fn, in_axes=(0, 0, 0, 0, None, 0, 0, 0))(
+                    g_local, *grouped_args, new_ms, *keys
+                )
             )
-            g2 = jax.tree.map(lambda x: jnp.mean(x, axis=0), g2)
-            kd_total, sharp, pert_norm = jnp.mean(kd_total), jnp.mean(sharp), jnp.mean(pert_norm)
-            ms_after = jax.tree.map(lambda x: jnp.mean(x, axis=0), ms_after)
         else:
-            g2, (kd_total, sharp, pert_norm, ms_after) = second_grad(
-                g, images, labels, p_logits, ce, new_ms, k_teacher, k_noise
-            )
+            g2, (kd, sharp, pert_norm, ms_after) = fn(*args)
         g2 = _pmean(g2, axis_name)
-        if cfg.bn_stats == "all":
+        if method.thread_bn_stats:
             new_ms = _pmean(ms_after, axis_name)
         g2_norm = tree_norm(g2)
-        final = jax.tree.map(jnp.add, g, g2) if second == "kd" else g2
+        final = jax.tree.map(jnp.add, g, g2) if method.keep_grads else g2
+        kd = kd if method.keep_grads else zero
 
-    # ---- 5. Second (or only) update -------------------------------------------
+    # 5. The second (or only) update.
     updates, opt_state = state.tx.update(final, opt_state, anchor)
     new_params = optax.apply_updates(anchor, updates)
-
     teacher_state = state.teacher_state
-    if cfg.uses_ema:
-        teacher_state = optax.incremental_update(new_params, teacher_state, 1.0 - cfg.ema_decay)
+    if method.ema_decay > 0:
+        teacher_state = optax.incremental_update(new_params, teacher_state, 1.0 - method.ema_decay)
 
     metrics = {
-        "loss": ce + cfg.ema_weight * ema_kd + kd_total,
+        "loss": ce + method.ema_weight * ema_kd + kd,
         "ce": ce,
-        "kd": kd_total + cfg.ema_weight * ema_kd,
+        "kd": kd + method.ema_weight * ema_kd,
         "accuracy": losses.accuracy(logits, labels),
         "grad_norm": tree_norm(g),
         "teacher_grad_norm": g2_norm,
@@ -384,7 +270,6 @@ def sadt_update(
         "perturbation_norm": pert_norm,
         "sharpness": sharp,
     }
-    metrics = _pmean(metrics, axis_name)
     new_state = state.replace(
         step=state.step + 1,
         params=new_params,
@@ -392,13 +277,73 @@ def sadt_update(
         opt_state=opt_state,
         teacher_state=teacher_state,
     )
-    return new_state, metrics
+    return new_state, _pmean(metrics, axis_name)
 
 
-def _grouped_clean(clean_grad, params, images, labels, ema_logits, key, m):
-    """Clean gradients per m-sharpness group (vmapped); leading axis = group."""
-    groups = images.shape[0] // m
-    ema = None if ema_logits is None else _group(ema_logits, m)
-    return jax.vmap(clean_grad, in_axes=(None, 0, 0, None if ema is None else 0, 0))(
-        params, _group(images, m), _group(labels, m), ema, jax.random.split(key, groups)
+def sadt_update_sharded(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: SADTConfig | Method,
+    num_shards: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`sadt_update` as ``pmap`` over ``num_shards`` devices would run it, under ``jit``.
+
+    The batch is split into ``num_shards`` consecutive shards (as a per-device
+    reshape does) and the step is ``vmap``-ed over them with a named axis, so every
+    shard draws the dropout masks device ``i`` would, BatchNorm statistics are
+    per shard and then averaged, and gradients are averaged — the ``pmap`` step's
+    result on the same global batch, on one device.
+
+    Args:
+      state: the (unreplicated) state.
+      batch: the global batch; its size must be divisible by ``num_shards``.
+      config: as for :func:`sadt_update`.
+      num_shards: the number of devices to reproduce.
+
+    Returns:
+      ``(new_state, metrics)`` as :func:`sadt_update`.
+    """
+    size = batch["image"].shape[0]
+    if size % num_shards:
+        raise ValueError(f"batch size {size} is not divisible by num_shards={num_shards}")
+    shards = jax.tree.map(lambda x: x.reshape((num_shards, -1) + x.shape[1:]), batch)
+    step = functools.partial(sadt_update, config=config, axis_name="shards")
+    out = jax.vmap(step, in_axes=(None, 0), axis_name="shards")(state, shards)
+    return jax.tree.map(lambda x: x[0], out)
+
+
+def _clean_loss(params, x, y, ema_logits, key, *, method, apply_fn, model_state):
+    """Clean CE (+ the EMA teacher's term); aux = (logits, model_state, ce, ema_kd)."""
+    logits, new_ms = _forward(apply_fn, params, model_state, x, key)
+    ce = losses.cross_entropy(logits, y, label_smoothing=method.label_smoothing)
+    loss, ema_kd = ce, jnp.zeros([], jnp.float32)
+    if ema_logits is not None:
+        ema_kd = method.ema_loss(ema_logits, logits)
+        loss = ce + method.ema_weight * ema_kd
+    return loss, (logits, new_ms, ce, ema_kd)
+
+
+def _second_grad(method, state, anchor, ce_clean, g, x, y, p_logits, ms, k_clean, k_drop, k_noise):
+    """The teachers' summed gradient for one group: ``(g2, (kd, sharpness, eps_norm, ms))``."""
+
+    def grad_fn(phi, index, ms_in):
+        key = k_clean if method.share_dropout else jax.random.fold_in(k_drop, index)
+
+        def loss(phi):
+            t_logits, ms_out = _forward(state.apply_fn, phi, ms_in, x, key)
+            t_ce = losses.cross_entropy(t_logits, y, label_smoothing=method.label_smoothing)
+            value = method.second_loss(t_logits, p_logits, y)
+            return value, (value, t_ce, ms_out)
+
+        g_k, (value, t_ce, ms_out) = jax.grad(loss, has_aux=True)(phi)
+        return g_k, (ms_out if method.thread_bn_stats else ms_in), (value, t_ce - ce_clean)
+
+    out = teacher_gradients(grad_fn, method.teacher, g, anchor, k_noise, count=state.step, carry=ms)
+    values, sharpness = out.aux
+    return out.grads, (
+        jnp.sum(values),
+        jnp.mean(sharpness),
+        jnp.mean(out.perturbation_norms),
+        out.carry,
     )

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from sadt_jax import models
+from sadt_jax.algorithm.config import sadt_field_errors
 from sadt_jax.algorithm.methods import ADAM_EPS_PLACEMENTS, METHODS, OPTIMIZERS
-from sadt_jax.algorithm.perturbation import NOISE_MODES, param_paths
-from sadt_jax.algorithm.step import BN_STATS, KL_DIRECTIONS, OBJECTIVES, TEACHERS
+from sadt_jax.algorithm.perturbation import param_paths
 from sadt_jax.train import builders, steps
 
 __all__ = [
@@ -119,24 +119,7 @@ def validate_config(config: Any) -> None:
             "optim.adam_eps_placement",
         )
     )
-    for field, valid in (
-        ("objective", OBJECTIVES),
-        ("teachers", TEACHERS),
-        ("noise_mode", NOISE_MODES),
-        ("kl_direction", KL_DIRECTIONS),
-        ("bn_stats", BN_STATS),
-    ):
-        if s.get(field) is not None:
-            errors.append(_choices(s[field], valid, f"sadt.{field}"))
-    rng(s.rho, lambda v: v >= 0, "sadt.rho", ">= 0")
-    rng(s.noise_std, lambda v: v >= 0, "sadt.noise_std", ">= 0")
-    rng(s.t2_std, lambda v: v >= 0, "sadt.t2_std", ">= 0")
-    rng(s.temperature, lambda v: v > 0, "sadt.temperature", "> 0")
-    rng(s.kd_weight, lambda v: 0 <= v <= 1, "sadt.kd_weight", "in [0, 1]")
-    rng(s.ema_weight, lambda v: v >= 0, "sadt.ema_weight", ">= 0")
-    rng(s.ema_decay, lambda v: 0 <= v < 1, "sadt.ema_decay", "in [0, 1)")
-    rng(s.m_sharpness, lambda v: v >= 0, "sadt.m_sharpness", ">= 0 (0 = off)")
-    rng(s.label_smoothing, lambda v: 0 <= v < 1, "sadt.label_smoothing", "in [0, 1)")
+    errors.extend(sadt_field_errors(s, prefix="sadt."))  # the one home of these checks
     rng(config.optim.learning_rate, lambda v: v > 0, "optim.learning_rate", "> 0")
     rng(config.num_epochs, lambda v: v >= 1, "num_epochs", ">= 1")
     rng(config.get("num_steps"), lambda v: v >= 1, "num_steps", ">= 1")
@@ -202,6 +185,8 @@ def validate_against_model(
     """
     if not (sadt_config.objective == "sadt" and sadt_config.teachers == "t2"):
         return
+    names = ("sadt.t2_multiplicative_path", "sadt.t2_additive_path")
+    checked = [(f, p) for f, p in zip(names, sadt_config.t2_paths, strict=True) if p is not None]
     if image_shape is None:
         image_shape = (28, 28, 1) if config.data.name == "fashion_mnist" else (32, 32, 3)
     model = builders.build_model(config, num_classes)
@@ -209,9 +194,7 @@ def validate_against_model(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)
     )
     paths = param_paths(shapes["params"])
-    for field, path in zip(
-        ("sadt.t2_multiplicative_path", "sadt.t2_additive_path"), sadt_config.t2_paths, strict=True
-    ):
+    for field, path in checked:
         if path not in paths:
             raise ConfigError(
                 f"{field}={path!r} does not exist in model {config.model.name}; "
