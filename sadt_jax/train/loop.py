@@ -13,7 +13,7 @@ What lands in ``workdir``:
   so a resumed run writes the same file); ``timing.jsonl`` — wall-clock per epoch;
 * ``summary.json`` — final and best-validation results, thresholds, versions;
 * ``checkpoints/`` — orbax checkpoints (resumed automatically);
-* TensorBoard event files (clu ``metric_writers``).
+* TensorBoard event files (:mod:`sadt_jax.train.writers`; no TensorFlow needed).
 
 Reliability: a run killed at any point and rerun with the same command ends
 with the same parameters and ``metrics.jsonl``, bit for bit, as one that was
@@ -61,7 +61,7 @@ from jax.sharding import PartitionSpec as P
 
 import sadt_jax
 from sadt_jax.data import load_dataset, pipeline
-from sadt_jax.train import builders, steps, validation
+from sadt_jax.train import builders, steps, validation, writers
 from sadt_jax.train.checkpointing import (
     Checkpointer,
     NonFiniteStateError,
@@ -302,10 +302,8 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
         )
     eval_fn = jax.jit(lambda s, b: steps.eval_sums(s, b, mean=ds.mean, std=ds.std))
 
-    from clu import metric_writers, periodic_actions  # clu imports TF lazily; keep it here
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    writer = writers.create_writer(workdir, is_main=is_main)  # TensorBoard without TensorFlow
+    report = writers.ProgressReporter(writer)
 
     step = int(jax.device_get(state.step))
     train_time = float(meta["train_time_s"])
