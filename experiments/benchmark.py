@@ -109,6 +109,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="Model pool_impl (simple_cnn, vgg16_bn; passed only when not 'auto').",
     )
+    p.add_argument(
+        "--model_kwargs",
+        default="{}",
+        help='Extra model attributes as JSON, e.g. \'{"depth": 10, "widen_factor": 1}\'.',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Write the results as JSON to this path.")
     p.add_argument(
@@ -139,6 +144,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.shape = tuple(int(s) for s in args.dataset_shape.split(","))
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        p.error(f"--model_kwargs is not JSON ({e}): pass an object, e.g. '{{\"depth\": 10}}'")
+    if not isinstance(args.model_kwargs, dict):
+        p.error("--model_kwargs must be a JSON object, e.g. '{\"depth\": 10}'")
     for m in args.method_list:
         if m not in sadt_jax.METHODS:
             p.error(f"unknown method {m!r}; valid: {', '.join(sadt_jax.METHODS)}")
@@ -252,7 +263,7 @@ def _round_robin(runners: Sequence[_Runner], steps: int, repeats: int) -> None:
 
 
 def _setup(args):
-    impls = {"conv_impl": args.conv_impl}
+    impls = {"conv_impl": args.conv_impl, **args.model_kwargs}
     if args.pool_impl != "auto":
         impls["pool_impl"] = args.pool_impl
     model = get_model(args.model, args.num_classes, dtype=_DTYPES[args.dtype], **impls)
@@ -467,6 +478,7 @@ def _meta(args, argv, peak_source) -> dict[str, Any]:
             "dtype": args.dtype,
             "conv_impl": args.conv_impl,
             "pool_impl": args.pool_impl,
+            "model_kwargs": args.model_kwargs,
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,

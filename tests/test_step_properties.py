@@ -19,6 +19,8 @@ import pytest
 
 import sadt_jax
 
+pytestmark = pytest.mark.accelerator  # run on the device by experiments/accelerator_check.py
+
 NUM_CLASSES = 4
 BATCH = 8
 
