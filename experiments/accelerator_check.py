@@ -43,8 +43,16 @@ the IDX files into ``.accel_data/``, both git-ignored); this script puts
     # .accel_data copied along):
     python experiments/accelerator_check.py --data_dir .accel_data/fashion-mnist
 
-``--smoke`` runs the same code on the CPU with tiny sizes in well under 3 minutes
-(``tests/test_accelerator_check.py``).
+``--smoke`` runs the same code on the CPU with tiny sizes, one case or run where the full
+check has several, and a budget large enough that nothing is skipped
+(``tests/test_accelerator_check.py``): about 90 s of CPU time (5 min of wall time on the
+2-core development machine while ~10 other processes competed for it).
+
+On the project's lent device machine (results come back only from ``$OUT``)::
+
+    python experiments/accelerator_check.py --data_dir .accel_data/fashion-mnist \
+        --out_root "$OUT"          # carry: .accel_deps, .accel_data; then copy the folder
+                                   # $OUT/<device_kind>/ to results/accelerator/
 """
 
 from __future__ import annotations
