@@ -14,7 +14,8 @@ work that would not fit is skipped and listed as skipped):
 3. **step time** of every method through ``experiments/benchmark.py``: ``simple_cnn`` at
    batch 512 and 2048, float32 and bfloat16; ``wrn28_10`` and ``resnet18`` (CIFAR shapes,
    bfloat16, batch 256 and 512; methods dropped from the end of the list when they would not
-   fit the phase). Per method: median step time, ratio to base (within one run), compile
+   fit the phase). Per method: step time (``--pipelined``: steps dispatched back to back,
+   one sync per repeat, median over repeats), ratio to base (within one run), compile
    time, XLA memory, GFLOP per step (XLA ``cost_analysis``) and **MFU** = FLOPs / step time /
    the device's peak (table :data:`PEAK_TFLOPS`, reported with the value used);
 4. **loop rate**: the real training loop (``train_and_evaluate``, Fashion-MNIST, base, batch
@@ -70,6 +71,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import zipfile
@@ -365,6 +367,7 @@ def _pytest(args: list[str], timeout_s: float, log_path: str, extra_env=None) ->
         p for p in (REPO, DEPS_SITE if os.path.isdir(DEPS_SITE) else "", env.get("PYTHONPATH")) if p
     )
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "accelerator"]
+    cmd += ["--durations=15"]
     t0 = time.monotonic()
     timed_out = False
     with open(log_path, "w") as log:
@@ -440,6 +443,7 @@ def _benchmark_argv(case: SpeedCase, methods: Sequence[str], plan: Plan, peak) -
         f"--steps={plan.bench_steps}",
         f"--warmup={plan.bench_warmup}",
         f"--repeats={plan.bench_repeats}",
+        "--pipelined",
     ]
     if case.model_kwargs:
         argv.append("--model_kwargs=" + json.dumps(dict(case.model_kwargs)))
@@ -887,7 +891,7 @@ def prepare(data_src: str) -> None:
 # ---- the check ----------------------------------------------------------------------------------
 
 
-def _phase(results, name, out_dir, fn: Callable[[], Any], done_when=None) -> Any:
+def _phase(results, name: str, fn: Callable[[], Any], done_when=None) -> Any:
     """Runs one phase; an exception is recorded (with its traceback's tail), not raised."""
     t0 = time.monotonic()
     try:
@@ -907,9 +911,8 @@ def run_check(plan: Plan, data_dir: str, out_root: str, argv: Sequence[str], smo
     clock = Clock(plan.budget_s)
     info = device_info()
     out_dir = os.path.join(out_root, slug(info["device_kind"]) + ("_smoke" if smoke else ""))
-    work = os.path.join(out_dir, "_work")
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="accelerator_check_")  # training workdirs, removed at the end
     results: dict[str, Any] = {
         "command": " ".join(["python", "experiments/accelerator_check.py", *argv]),
         "smoke": smoke,
@@ -924,33 +927,40 @@ def run_check(plan: Plan, data_dir: str, out_root: str, argv: Sequence[str], smo
         results["elapsed_s"] = clock.elapsed()
         write_outputs(out_dir, results)
 
-    kind = info["device_kind"]
-    _phase(results, "tests", out_dir, lambda: run_tests(plan, clock, out_dir), _tests_outcome)
+    try:
+        _run_phases(results, plan, clock, data_dir, out_dir, work, save)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown_report(results))
+    print(f"[accelerator_check] wrote {out_dir}/report.md and check.json", flush=True)
+    return results
+
+
+def _run_phases(results, plan: Plan, clock: Clock, data_dir, out_dir, work, save) -> None:
+    kind = results["device"]["device_kind"]
+    _phase(results, "tests", lambda: run_tests(plan, clock, out_dir), _tests_outcome)
     save()
     for phase, cases in (
         ("speed_simple_cnn", plan.speed_simple),
         ("speed_large", plan.speed_large),
     ):
-        _phase(results, phase, out_dir, lambda c=cases, p=phase: run_speed(c, p, plan, clock, kind))
+        _phase(results, phase, lambda c=cases, p=phase: run_speed(c, p, plan, clock, kind))
         save()
-    _phase(results, "loop_rate", out_dir, lambda: run_loop_rate(plan, data_dir, work))
+    _phase(results, "loop_rate", lambda: run_loop_rate(plan, data_dir, work))
     save()
     if clock.left("precision") > 0:
-        _phase(results, "precision", out_dir, lambda: run_precision(plan, data_dir, work))
+        _phase(results, "precision", lambda: run_precision(plan, data_dir, work))
+    else:
+        results["phases"]["precision"] = {"wall_s": 0.0, "outcome": "skipped: no time left"}
     save()
     costs = _costs_so_far(results)
     _phase(
         results,
         "comparison",
-        out_dir,
         lambda: run_comparison(plan, data_dir, work, clock, costs),
         lambda v: f"{len(v['runs'])} runs, {len(v['skipped'])} skipped",
     )
     save()
-    shutil.rmtree(work, ignore_errors=True)
-    print(markdown_report(results))
-    print(f"[accelerator_check] wrote {out_dir}/report.md and check.json", flush=True)
-    return results
 
 
 def _tests_outcome(res: dict[str, Any]) -> str:
