@@ -10,7 +10,10 @@ already on the device, through the real training step::
 and reports, per method:
 
 * ``step_ms``: median wall time of one step (``block_until_ready`` after each),
-  over ``--repeats`` x ``--steps`` timed steps after ``--warmup`` untimed ones.
+  over ``--repeats`` x ``--steps`` timed steps after ``--warmup`` untimed ones;
+  with ``--pipelined``, the median over repeats of (time of ``--steps`` steps
+  dispatched back to back, one sync at the end) / ``--steps``: throughput, which
+  is what matters on an accelerator, where a step takes about a millisecond.
   The methods are interleaved round-robin across repeats, so machine drift hits
   all of them alike; ``ratio_to_base`` is computed within this run.
 * ``compile_s``: ``jit(...).lower(...)`` plus ``.compile()`` wall time.
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -55,6 +59,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,6 +76,13 @@ from sadt_jax import losses
 from sadt_jax.models import get_model, t2_teacher_paths
 
 DEFAULT_METHODS = ("base", "sam", "sadt_t1", "sadt_t2", "sadt_t3", "sadt_ema")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The simple CNN in the release's layout, as the Keras anchor builds it.
+KERAS_ANCHOR_MODEL = {"release_layout": True, "dropout_rate": 0.3}
+KERAS_SKIPPED = (
+    "Keras anchor skipped: TensorFlow is not installed (`pip install tensorflow-cpu` to compare)"
+)
 
 #: Step-time targets (ratio to base) from the "Performance" issue.
 TARGETS = {"sam": 2.05, "sadt_t1": 2.15, "sadt_t3": 2.15, "sadt_t2": 3.2}
@@ -109,6 +121,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="Model pool_impl (simple_cnn, vgg16_bn; passed only when not 'auto').",
     )
+    p.add_argument(
+        "--model_kwargs",
+        default="{}",
+        help='Extra model attributes as JSON, e.g. \'{"depth": 10, "widen_factor": 1}\'.',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Write the results as JSON to this path.")
     p.add_argument(
@@ -136,12 +153,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Compare each method's params after --params_steps with this npz.",
     )
     p.add_argument("--params_steps", type=int, default=3)
+    p.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="Time each repeat's --steps steps as one block (dispatched back to back, one sync "
+        "at the end: throughput, as a training loop runs) instead of one sync per step.",
+    )
+    p.add_argument(
+        "--compare_keras",
+        action="store_true",
+        help="Only time base and sadt_t1 on the release's simple CNN against the same network "
+        "in tf.keras (experiments/keras_anchor.py), in separate processes, alternated.",
+    )
+    p.add_argument("--keras_rounds", type=int, default=3, help="Rounds of --compare_keras.")
+    p.add_argument(
+        "--keras_md",
+        default=os.path.join(_REPO, "results", "benchmark_keras.md"),
+        help="Where --compare_keras writes its Markdown table.",
+    )
     args = p.parse_args(argv)
     args.shape = tuple(int(s) for s in args.dataset_shape.split(","))
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        p.error(f"--model_kwargs is not JSON ({e}): pass an object, e.g. '{{\"depth\": 10}}'")
+    if not isinstance(args.model_kwargs, dict):
+        p.error("--model_kwargs must be a JSON object, e.g. '{\"depth\": 10}'")
     for m in args.method_list:
         if m not in sadt_jax.METHODS:
             p.error(f"unknown method {m!r}; valid: {', '.join(sadt_jax.METHODS)}")
+    if args.keras_rounds < 1:
+        p.error("--keras_rounds must be >= 1")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps, --repeats and --batch_size must be >= 1, --warmup >= 0")
     return args
@@ -220,6 +263,7 @@ class _Runner:
         self.per_repeat: list[float] = []
         self.cpu_s = 0.0
         self.wall_s = 0.0
+        self.steps_timed = 0
 
     def run(self, n: int) -> list[float]:
         out = []
@@ -231,28 +275,40 @@ class _Runner:
             self.carry, self.last_out = tuple(carry), aux
         return out
 
-    def timed(self, n: int) -> None:
+    def run_pipelined(self, n: int) -> list[float]:
+        """``n`` steps dispatched back to back, one sync at the end: ``[mean seconds]``."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            *carry, aux = self.compiled(*self.carry, self.batch)
+            self.carry, self.last_out = tuple(carry), aux
+        jax.block_until_ready((self.carry, self.last_out))
+        return [(time.perf_counter() - t0) / n]
+
+    def timed(self, n: int, pipelined: bool = False) -> None:
         c0, w0 = _cpu_seconds(), time.perf_counter()
-        t = self.run(n)
+        t = self.run_pipelined(n) if pipelined else self.run(n)
+        self.steps_timed += n
         self.cpu_s += _cpu_seconds() - c0
         self.wall_s += time.perf_counter() - w0
         self.times.extend(t)
         self.per_repeat.append(statistics.median(t))
 
 
-def _round_robin(runners: Sequence[_Runner], steps: int, repeats: int) -> None:
+def _round_robin(
+    runners: Sequence[_Runner], steps: int, repeats: int, pipelined: bool = False
+) -> None:
     """``steps`` timed steps per runner per repeat; the order reverses every repeat
     (A B C, C B A, ...) so no method always runs first or after the same neighbour."""
     for i in range(repeats):
         for r in runners if i % 2 == 0 else reversed(runners):
-            r.timed(steps)
+            r.timed(steps, pipelined)
 
 
 # ---- the benchmark -----------------------------------------------------------------
 
 
 def _setup(args):
-    impls = {"conv_impl": args.conv_impl}
+    impls = {"conv_impl": args.conv_impl, **args.model_kwargs}
     if args.pool_impl != "auto":
         impls["pool_impl"] = args.pool_impl
     model = get_model(args.model, args.num_classes, dtype=_DTYPES[args.dtype], **impls)
@@ -289,7 +345,7 @@ def _stats(r: _Runner, batch_size: int, peak_tflops: float | None) -> dict[str, 
         "step_ms_min": 1e3 * min(r.times),
         "step_ms_iqr": 1e3 * float(q[1] - q[0]),
         "step_ms_per_repeat": [1e3 * t for t in r.per_repeat],
-        "num_timed_steps": len(r.times),
+        "num_timed_steps": r.steps_timed,
         "compile_s": r.compile_s,
         "images_per_s": batch_size / med,
         "cpu_cores_busy": r.cpu_s / r.wall_s if r.wall_s else None,
@@ -467,9 +523,11 @@ def _meta(args, argv, peak_source) -> dict[str, Any]:
             "dtype": args.dtype,
             "conv_impl": args.conv_impl,
             "pool_impl": args.pool_impl,
+            "model_kwargs": args.model_kwargs,
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "pipelined": args.pipelined,
             "methods": args.method_list,
         },
         "peak_mem_source": peak_source,
@@ -556,7 +614,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
                 params_after[r.name] = np.asarray(ravel_pytree(r.carry[0].params)[0])
         peak[r.name], peak_source = _peak_memory_mb()
 
-    _round_robin(runners, args.steps, args.repeats)
+    _round_robin(runners, args.steps, args.repeats, args.pipelined)
 
     results: dict[str, Any] = {}
     for r in runners:
@@ -608,10 +666,147 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     return results
 
 
+# ---- the Keras anchor ----------------------------------------------------------------
+
+
+def _worker(cmd: list[str], out: str) -> dict[str, Any]:
+    path = os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [*cmd, f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def compare_keras(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """base and sadt_t1 here against tf.keras on the release's simple CNN, same batch.
+
+    Each round runs this benchmark and ``experiments/keras_anchor.py`` in their own
+    processes, one after the other, the order alternating between rounds. Per method:
+    ``ratio_to_keras`` = median of our per-round step times / median of Keras'.
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        print(KERAS_SKIPPED, flush=True)
+        return {"_keras": {"skipped": KERAS_SKIPPED}}
+    shape = ",".join(map(str, args.shape))
+    common = [
+        f"--dataset_shape={shape}",
+        f"--num_classes={args.num_classes}",
+        f"--batch_size={args.batch_size}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--repeats={args.repeats}",
+        f"--seed={args.seed}",
+    ]
+    ours_cmd = [
+        sys.executable,
+        os.path.join(_REPO, "experiments", "benchmark.py"),
+        "--model=simple_cnn",
+        "--model_kwargs=" + json.dumps(KERAS_ANCHOR_MODEL),
+        "--methods=base,sadt_t1",
+        f"--conv_impl={args.conv_impl}",
+        f"--pool_impl={args.pool_impl}",
+        *common,
+    ]
+    keras_cmd = [sys.executable, os.path.join(_REPO, "experiments", "keras_anchor.py"), *common]
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.keras_rounds):
+            order = (("ours", ours_cmd), ("keras", keras_cmd))
+            got = {}
+            for side, cmd in order if i % 2 == 0 else reversed(order):
+                got[side] = _worker(cmd, os.path.join(tmp, f"{side}{i}.json"))
+            rounds.append(got)
+    out: dict[str, Any] = {}
+    for m in ("base", "sadt_t1"):
+        ours = [r["ours"][m]["step_ms"] for r in rounds]
+        keras = [r["keras"][m]["step_ms"] for r in rounds]
+        out[m] = {
+            "ours_step_ms": statistics.median(ours),
+            "keras_step_ms": statistics.median(keras),
+            "ratio_to_keras": statistics.median(ours) / statistics.median(keras),
+            "ratio_per_round": [a / b for a, b in zip(ours, keras, strict=True)],
+            "ours_ratio_to_base": statistics.median(
+                r["ours"][m]["step_ms"] / r["ours"]["base"]["step_ms"] for r in rounds
+            ),
+            "keras_ratio_to_base": statistics.median(
+                r["keras"][m]["step_ms"] / r["keras"]["base"]["step_ms"] for r in rounds
+            ),
+        }
+    out["_setup"] = {
+        "ours_command": shlex.join(ours_cmd),
+        "keras_command": shlex.join(keras_cmd),
+        "rounds": args.keras_rounds,
+        "ours_meta": rounds[0]["ours"]["_meta"],
+        "keras_meta": rounds[0]["keras"]["_meta"],
+        "keras_trainable_params": rounds[0]["keras"]["base"]["trainable_params"],
+    }
+    return {"_keras": out}
+
+
+def keras_markdown(results: dict[str, Any], command: str) -> str:
+    """``results/benchmark_keras.md``: our steps against tf.keras on the same network."""
+    k = results["_keras"]
+    s = k["_setup"]
+    machine, versions = s["ours_meta"]["machine"], s["ours_meta"]["versions"]
+    km = s["keras_meta"]
+    rows = [
+        "# Step time against tf.keras (same network, same batch)",
+        "",
+        f"The simple CNN in the release's layout (VALID convolutions, dropout 0.3, "
+        f"{s['keras_trainable_params']:,} trainable parameters in Keras), batch "
+        f"{km['batch_size']}, images {'x'.join(map(str, km['dataset_shape']))}, float32, Adam, "
+        f"softmax cross-entropy. {s['rounds']} rounds; each runs ours and Keras in separate "
+        "processes, one after the other, the order alternating. Step times are medians over "
+        "rounds of each process's median.",
+        "",
+        "| method | ours ms | Keras ms | ratio to Keras | per round | ours / our base "
+        "| Keras / Keras base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in ("base", "sadt_t1"):
+        r = k[m]
+        rows.append(
+            f"| {m} | {r['ours_step_ms']:.1f} | {r['keras_step_ms']:.1f} "
+            f"| {r['ratio_to_keras']:.2f} | "
+            + ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
+            + f" | {r['ours_ratio_to_base']:.2f} | {r['keras_ratio_to_base']:.2f} |"
+        )
+    rows += [
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine['processor']}, {machine['cpus_usable']} usable cores, "
+        f"{machine['device_kind']}; jax {versions['jax']}, TensorFlow {km['tensorflow']}, "
+        f"Keras {km['keras']}; XLA_FLAGS={s['ours_meta']['XLA_FLAGS']!r}; "
+        f"{s['ours_meta']['date_utc']}, commit {s['ours_meta']['git_commit']}.",
+        "",
+        f"Ours: `{s['ours_command']}`",
+        "",
+        f"Keras: `{s['keras_command']}`",
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parses ``argv``, runs, prints a Markdown table, writes ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.compare_keras:
+        results = compare_keras(args, argv)
+        if "skipped" not in results["_keras"]:
+            md = keras_markdown(results, shlex.join(["python", "experiments/benchmark.py", *argv]))
+            print(md)
+            os.makedirs(os.path.dirname(os.path.abspath(args.keras_md)), exist_ok=True)
+            with open(args.keras_md, "w") as f:
+                f.write(md)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     load_start = os.getloadavg()
     results = run(args, argv)
     results["_meta"]["loadavg_start"] = load_start

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from experiments import benchmark
+from tests import cli_runs
+from tests.test_no_tensorflow import WRAPPER
 
 METHOD_KEYS = ("step_ms", "ratio_to_base", "compile_s", "peak_mem_mb", "images_per_s")
 
@@ -82,3 +87,45 @@ def test_parse_args_validation():
     assert args.shape == (32, 32, 3) and args.method_list == ["base", "sam"]
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--methods=base,nope"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="no TensorFlow")
+def test_compare_keras_tiny(tmp_path, capsys):
+    md, out = tmp_path / "keras.md", tmp_path / "keras.json"
+    argv = [
+        "--compare_keras",
+        "--batch_size=4",
+        "--steps=2",
+        "--warmup=1",
+        "--repeats=1",
+        "--keras_rounds=1",
+        f"--keras_md={md}",
+        f"--out={out}",
+    ]
+    benchmark.main(argv)
+    k = json.loads(out.read_text())["_keras"]
+    for m in ("base", "sadt_t1"):
+        for key in ("ours_step_ms", "keras_step_ms", "ratio_to_keras", "keras_ratio_to_base"):
+            assert _positive(k[m][key]), (m, key, k[m])
+        assert k[m]["ratio_to_keras"] == pytest.approx(k[m]["ratio_per_round"][0])
+    # The same network on both sides: the release layout's parameter count at 28x28x1.
+    assert k["_setup"]["keras_trainable_params"] == 405_048
+    assert k["_setup"]["ours_meta"]["settings"]["model_kwargs"]["release_layout"] is True
+    text = md.read_text()
+    assert "| sadt_t1 |" in text and "ratio to Keras" in text
+    assert "# Step time against tf.keras" in capsys.readouterr().out
+
+
+def test_compare_keras_without_tensorflow_is_one_line(tmp_path):
+    out = tmp_path / "k.json"
+    module = "experiments.benchmark"
+    tiny = ["--batch_size=4", "--steps=1", "--warmup=0", "--repeats=1", "--keras_rounds=1"]
+    cmd = [sys.executable, "-c", WRAPPER, module, "--compare_keras", *tiny, f"--out={out}"]
+    cmd.append(f"--keras_md={tmp_path / 'keras.md'}")
+    proc = subprocess.run(
+        cmd, env=cli_runs.env(), cwd=cli_runs.REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == benchmark.KERAS_SKIPPED
+    assert json.loads(out.read_text()) == {"_keras": {"skipped": benchmark.KERAS_SKIPPED}}
+    assert not (tmp_path / "keras.md").exists()

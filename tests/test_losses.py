@@ -9,6 +9,8 @@ import pytest
 
 from sadt_jax import losses
 
+pytestmark = pytest.mark.accelerator  # run on the device by experiments/accelerator_check.py
+
 B, C = 6, 5
 
 

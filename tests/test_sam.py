@@ -17,6 +17,8 @@ import pytest
 import sadt_jax
 from sadt_jax import losses
 
+pytestmark = pytest.mark.accelerator  # run on the device by experiments/accelerator_check.py
+
 DIM = 6
 
 

@@ -19,6 +19,8 @@ from conftest import CNN, MLP, make_batch
 
 import sadt_jax
 
+pytestmark = pytest.mark.accelerator  # run on the device by experiments/accelerator_check.py
+
 BATCH = 8
 _batch = make_batch
 

@@ -321,6 +321,7 @@ CASES = [
 ]
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("model_name,variant,setting", CASES)
 def test_step_matches_reference(model_name, variant, setting):
     _compare(model_name, variant, setting)
@@ -337,6 +338,7 @@ def test_bn_stats_all_matches_reference(variant):
     assert _max_diff(state.model_state, clean.model_state) > 100 * TOL
 
 
+@pytest.mark.accelerator
 def test_amplified_kd_is_not_negligible():
     """Guards the sensitivity claim above: the KD term moves the parameters well above TOL."""
     model, variables, batch, t2_paths = _setup("mlp")

@@ -14,7 +14,7 @@ What lands in ``workdir``:
 * ``summary.json`` — final and best-validation results, thresholds, versions;
 * ``checkpoints/`` — orbax checkpoints (resumed automatically);
 * ``best/`` — the selected weights (:mod:`sadt_jax.train.selection`), tested at the end;
-* TensorBoard event files (clu ``metric_writers``).
+* TensorBoard event files (:mod:`sadt_jax.train.writers`; no TensorFlow needed).
 
 Reliability: a run killed at any point and rerun with the same command ends
 with the same parameters and ``metrics.jsonl``, bit for bit, as one that was
@@ -62,7 +62,7 @@ from jax.sharding import PartitionSpec as P
 
 import sadt_jax
 from sadt_jax.data import pipeline
-from sadt_jax.train import builders, protocol, steps, validation
+from sadt_jax.train import builders, protocol, steps, validation, writers
 from sadt_jax.train.checkpointing import (
     Checkpointer,
     NonFiniteStateError,
@@ -306,10 +306,8 @@ def _train_and_evaluate(config, workdir, allow_config_change, preemption) -> dic
         )
     eval_fn = jax.jit(lambda s, b: steps.eval_sums(s, b, mean=mean, std=std))
 
-    from clu import metric_writers, periodic_actions  # clu imports TF lazily; keep it here
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    writer = writers.create_writer(workdir, is_main=is_main)  # TensorBoard without TensorFlow
+    report = writers.ProgressReporter(writer)
 
     step = int(jax.device_get(state.step))
     train_time = float(meta["train_time_s"])
