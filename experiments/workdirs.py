@@ -169,14 +169,24 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
     return out
 
 
+def _selected(summary: dict) -> dict:
+    """The run's selected model: the kept ``best/`` weights where the run tested them
+    (``summary["selected"]``, the release's and the project's selection rules alike),
+    else the per-epoch record of the lowest validation loss (runs from before ``best/``)."""
+    selected = summary.get("selected") or {}
+    if selected.get("test_accuracy") is not None:
+        return selected
+    return summary.get("best_val") or {}
+
+
 def run_metric(run: Run, name: str) -> float | None:
     s = run.summary or {}
     if name == "best_val_test":
-        return (s.get("best_val") or {}).get("test_accuracy")
+        return _selected(s).get("test_accuracy")
     if name == "best_val_val":
-        return (s.get("best_val") or {}).get("val_accuracy")
+        return _selected(s).get("val_accuracy")
     if name == "best_epoch":
-        return (s.get("best_val") or {}).get("epoch")
+        return _selected(s).get("epoch")
     if name == "final_test":
         return (s.get("final") or {}).get("test_accuracy")
     if name == "final_val":

@@ -751,3 +751,31 @@ def test_aggregate_paper_pivot(tmp_path):
     groups = workdirs.group_runs(workdirs.collect_runs(suites.suite_cells("paper"), root))
     bars = plots.plot_bars(groups, "paper", os.path.join(out, "bars.png"), "paper")
     assert os.path.getsize(bars) > 0
+
+
+def test_fashion_mnist_release_and_release_key_grids():
+    cells = suites.suite_cells("fashion_mnist_release")
+    assert len(cells) == 9 * 3
+    assert {c.method for c in cells} == set(suites.PAPER_METHODS) | {"base_2x", "rdrop"}
+    for c in cells:
+        assert c.config == f"configs/fashion_mnist.py:{c.method},release"
+        assert c.model == "release_simple_cnn" and c.num_epochs == 10
+    key = suites.suite_cells("release_key")
+    assert len(key) == 4 * 5 and {c.seed for c in key} == {0, 1, 2, 3, 4}
+    # The same workdirs as fashion_mnist_release: seeds 0-2 are not run twice.
+    release_dirs = {(c.suite, c.name) for c in cells}
+    shared = [c for c in key if c.seed < 3]
+    assert shared and all((c.suite, c.name) in release_dirs for c in shared)
+    assert all(c.group == "release_key" for c in key)
+
+
+def test_run_metric_prefers_the_tested_selected_weights():
+    cell = suites.suite_cells("fashion_mnist_release", seeds=[0])[0]
+    best_val = {"epoch": 10, "test_accuracy": 0.70, "val_accuracy": 0.71}
+    selected = {"epoch": 6, "test_accuracy": 0.65, "val_accuracy": 0.66, "tested": True}
+    run = workdirs.Run(cell, "done", summary={"best_val": best_val, "selected": selected})
+    assert workdirs.run_metric(run, "best_val_test") == 0.65
+    assert workdirs.run_metric(run, "best_epoch") == 6
+    assert workdirs.run_metric(run, "best_val_val") == 0.66
+    old = workdirs.Run(cell, "done", summary={"best_val": best_val})  # runs before best/
+    assert workdirs.run_metric(old, "best_val_test") == 0.70
