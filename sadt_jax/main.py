@@ -36,6 +36,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -169,6 +170,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
             + (f" ({' '.join(hint).strip()})" if hint else "")
             + "; unknown keys fail: check the spelling against the config file"
         )
+    except SyntaxError as e:  # the config file does not parse
+        _error(f"--config: {e.filename} line {e.lineno}: syntax error: {e.msg}")
+    except Exception as e:  # noqa: BLE001 - the config file's get_config() raised
+        _error(f"--config: loading the config file failed: {type(e).__name__}: {e}")
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -214,9 +219,12 @@ def _run() -> int:
 
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-    except (ConfigError, DatasetError, CheckpointError, WorkdirError, CorruptFileError) as e:
+    except (ConfigError, DatasetError, WorkdirError, CorruptFileError) as e:
         _error(e)
         return EXIT_BAD_INPUT
+    except CheckpointError as e:  # none readable, or one could not be written
+        _error(e)
+        _exit_now(EXIT_BAD_INPUT)
     except NonFiniteLossError as e:
         _error(e)
         return EXIT_NONFINITE
@@ -233,13 +241,61 @@ def _run() -> int:
             "checkpoints already on disk are intact: free space or fix permissions and rerun "
             "the same command to resume"
         )
-        return EXIT_BAD_INPUT
+        _exit_now(EXIT_BAD_INPUT)
     return 0
+
+
+def _quiet_thread_failure(args) -> None:
+    """Background threads (orbax, tensorstore) that fail print one line, not a traceback;
+    the failure reaches the main thread too and is reported there."""
+    text = str(args.exc_value).strip().splitlines()
+    print(
+        f"warning: background thread {getattr(args.thread, 'name', '?')} failed: "
+        f"{args.exc_type.__name__}: {(text[0] if text else '')[:200]}",
+        file=sys.stderr,
+    )
+
+
+def _quiet_unraisable(args) -> None:
+    """``sys.unraisablehook``: one line, not a traceback, for errors nothing can catch, e.g.
+    tensorstore callbacks into orbax's closed event loops after a failed write (the failure
+    itself is reported as an ``error:`` line)."""
+    text = str(args.exc_value).strip().splitlines()
+    line = f"warning: ignored {args.exc_type.__name__}: {(text[0] if text else '')[:200]}"
+    if line not in _SEEN_WARNINGS:  # such callbacks fail by the dozen
+        _SEEN_WARNINGS.add(line)
+        print(line, file=sys.stderr)
+
+
+_SEEN_WARNINGS: set[str] = set()
+
+
+class _NoTracebacks(logging.Filter):
+    """Drops the traceback of a library's error log record, keeping its one-line message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _exit_now(code: int) -> None:
+    """Exits without the interpreter's shutdown, where a failed write's leftover background
+    tasks (orbax's event loops) print tracebacks about a closed event loop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv) -> int:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # A failed orbax write (e.g. disk full) also leaves "Task exception was never retrieved"
+    # tracebacks from asyncio; the failure itself is reported as one error: line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    threading.excepthook = _quiet_thread_failure
+    sys.unraisablehook = _quiet_unraisable
+    # orbax logs a failed background write with its traceback; one line is enough.
+    logging.getLogger("absl").addFilter(_NoTracebacks())
     problem = _check_distributed_flags() or _check_config()
     if not problem and not _WORKDIR.value:
         problem = "--workdir is empty; name the run's output folder"
