@@ -528,3 +528,20 @@ def test_read_only_workdir_and_full_disk_are_one_line(reference, data_dir, env, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from the checkpoint at step 16" in proc.stdout
     assert cli_runs.checkpoint_steps(workdir)[-1] == 24
+
+
+def test_io_helpers_write_atomically_and_name_damaged_lines(tmp_path):
+    from sadt_jax import io
+
+    path = str(tmp_path / "rows.jsonl")
+    assert io.read_jsonl(path) == [] and io.read_json(str(tmp_path / "none.json"), 5) == 5
+    io.write_jsonl(path, [{"b": 1, "a": 2}, {"c": 3}])
+    assert cli_runs.read_text(path) == '{"a": 2, "b": 1}\n{"c": 3}\n'
+    assert io.read_jsonl(path) == [{"a": 2, "b": 1}, {"c": 3}]
+    io.write_json(str(tmp_path / "x.json"), {"k": np.float32(1.5)})
+    assert io.read_json(str(tmp_path / "x.json")) == {"k": "1.5"}
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl", "x.json"]  # no temporary files left
+    with open(path, "a") as f:
+        f.write("\n{oops\n")
+    with pytest.raises(io.CorruptFileError, match=r"rows.jsonl line 4 is not valid JSON"):
+        io.read_jsonl(path)
