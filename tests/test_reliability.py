@@ -192,14 +192,14 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(
 @needs_fmnist
 def test_workdir_holding_another_config_is_refused(reference, data_dir, env, tmp_path):
     workdir = str(tmp_path / "run")
-    os.makedirs(workdir)
-    shutil.copy(os.path.join(reference, "config.json"), workdir)
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
     proc = cli_runs.run(cli_runs.cli_args(workdir, data_dir, "--config.seed=1"), env=env)
     assert proc.returncode == 2
     (line,) = error_lines(proc.stderr)
     assert "different config" in line and "seed: 0 -> 1" in line
     assert "--allow_config_change" in line
-    assert sorted(os.listdir(workdir)) == ["config.json"]  # nothing else touched
+    assert _snapshot(workdir) == before  # nothing touched
 
 
 def _truncated_idx(directory: str) -> None:
