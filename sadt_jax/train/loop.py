@@ -534,7 +534,9 @@ def _stop_preempted(ctx: _Context, progress: Progress, epoch: int, s: int, stop:
     """Saves the current step and raises :class:`Preempted`."""
     name, signum = ctx.preemption.name, ctx.preemption.signum
     if not _save(ctx, progress):
-        raise Preempted(f"{name} at step {progress.step}; nothing saved (ckpt.enabled is False)")
+        raise Preempted(
+            f"{name} at step {progress.step}; nothing saved (ckpt.enabled is False)", signum
+        )
     ctx.ckpt.wait()
     raise Preempted(
         f"{name}: checkpoint saved at step {progress.step} (epoch {epoch + 1}, "
