@@ -406,10 +406,10 @@ def test_restore_and_sharpness_on_a_tiny_run(tmp_path, monkeypatch):
 
     from configs import fashion_mnist
     from experiments import restore, sharpness
-    from sadt_jax.train import loop, steps
+    from sadt_jax.train import builders, loop, steps
 
     ds = _tiny_dataset()
-    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: ds)
+    monkeypatch.setattr(builders, "load_dataset", lambda *a, **k: ds)  # loop and restore
     config = fashion_mnist.get_config("base")
     config.batch_size, config.num_steps, config.eval_batch_size = 32, 2, 32
     config.data.augment = "none"  # less to compile
@@ -424,7 +424,6 @@ def test_restore_and_sharpness_on_a_tiny_run(tmp_path, monkeypatch):
     sums = jax.device_get(eval_fn(run.state, batch))
     assert float(sums["correct"]) / 32 == pytest.approx(summary["final"]["test_accuracy"])
 
-    monkeypatch.setattr(restore, "load_dataset", lambda *a, **k: ds)
     # The measurements themselves are tested in test_sharpness.py; here only the plumbing
     # (restore, batch, loss, JSON), with stand-ins that skip their long compilations.
     from sadt_jax import sharpness as measures
