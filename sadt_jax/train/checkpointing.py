@@ -130,6 +130,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = False):
         self.directory = directory
+        self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
@@ -155,6 +156,7 @@ class Checkpointer:
         sums, finite = _report(tree)
         if not finite:
             raise NonFiniteStateError(f"refusing to save checkpoint {step}: it holds NaN or Inf")
+        self._last_saved = step
         try:
             self._manager.save(
                 step,
@@ -257,7 +259,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise _write_failure(self.latest_step() or -1, self.directory, e) from e
+            raise _write_failure(self._last_saved, self.directory, e) from e
 
     def close(self) -> None:
         try:
