@@ -52,7 +52,6 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     config.batch_size = 512  # global batch, over all devices and hosts
     config.eval_batch_size = 1000
     config.log_every_steps = 20
-    config.eval_every_epochs = 1
     config.accuracy_thresholds = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
     config.teacher_every = 1  # sample teachers every k steps (plain base updates between)
 

@@ -1,37 +1,31 @@
 """Rebuild a finished (or interrupted) run's training state from its workdir.
 
 ``train_and_evaluate`` writes ``config.json`` and orbax checkpoints of
-``{"state": TrainState, "metrics": running sums}``. This module builds the same
-abstract tree the loop builds (same model, optimizer, SADT config and shapes;
-``jax.eval_shape``, so nothing is initialised) and restores the newest readable
-checkpoint into it, so analyses (e.g. :mod:`experiments.sharpness`) see exactly
-the parameters and BatchNorm statistics the run ended with.
+``{"state": TrainState, "metrics": running sums}``. This module builds the run
+exactly as the loop does (:func:`sadt_jax.train.builders.build_run`: same model,
+optimizer, SADT config and shapes; ``jax.eval_shape``, so nothing is initialised)
+and restores the newest readable checkpoint into it, so analyses (e.g.
+:mod:`experiments.sharpness`) see exactly the parameters and BatchNorm statistics
+the run ended with.
 
 Example::
 
   run = restore_run("runs/fashion_mnist/sadt_t1_s0")
   run.state.params, run.state.model_state, run.dataset.train_images
-
-Mirrors ``sadt_jax.train.loop.train_and_evaluate``'s ``init_state``; if that changes,
-change this too (a library helper building the state from a config would remove
-the duplication).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from sadt_jax import io
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.data import Dataset
-from sadt_jax.train import builders, protocol, steps
+from sadt_jax.train import builders
 from sadt_jax.train.checkpointing import Checkpointer
 
 __all__ = ["RestoredRun", "load_run_config", "restore_run"]
@@ -58,8 +52,11 @@ class RestoredRun:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run stored in ``workdir/config.json``."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    path = os.path.join(workdir, "config.json")
+    stored = io.read_json(path)
+    if stored is None:
+        raise FileNotFoundError(f"no config.json in {workdir}")
+    return ml_collections.ConfigDict(stored)
 
 
 def restore_run(workdir: str, *, dataset: Dataset | None = None) -> RestoredRun:
@@ -80,28 +77,15 @@ def restore_run(workdir: str, *, dataset: Dataset | None = None) -> RestoredRun:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    ds = dataset or protocol.load_data(config)  # the run's split (release_split too)
-    sadt_config = builders.resolve_sadt_config(config)
-    steps_per_epoch = protocol.steps_per_epoch(config, ds.num_train)
-    model = builders.build_model(config, ds.num_classes)
-    tx = builders.build_optimizer(config, steps_per_epoch)
-
-    def init_tree():
-        state = builders.init_state(config, model, ds.image_shape, tx, sadt_config)
-        return {"state": state, "metrics": steps.init_metric_sums()}
-
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(init_tree),
-    )
+    run = builders.build_run(config, dataset=dataset)
     ckpt = Checkpointer(ckpt_dir, max_to_keep=int(config.ckpt.max_to_keep))
     try:
-        restored = ckpt.restore(abstract)
+        restored = ckpt.restore(run.abstract_checkpoint())
     finally:
         ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     tree, meta, step = restored
-    return RestoredRun(config=config, dataset=ds, state=tree["state"], step=step, meta=meta)
+    return RestoredRun(
+        config=config, dataset=run.dataset, state=tree["state"], step=step, meta=meta
+    )

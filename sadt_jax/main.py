@@ -13,11 +13,17 @@ Exit codes (each failure is reported as ``error: ...`` lines on stderr, one per
 problem, without a traceback):
 
 * 0: finished;
-* 2: bad input, found before anything is computed: invalid flags or config, a
-  workdir holding a run with another config, missing or corrupt data, no
-  readable checkpoint;
+* 2: bad input, found before anything is computed: invalid flags or config (a
+  config file that does not load), a workdir that is not a writable folder, is
+  in use by another run (its pid is named), holds checkpoints of another config
+  or a run already past this config's end, damaged records (``config.json``,
+  ``metrics.jsonl``), missing or corrupt data, no readable checkpoint, an
+  unreachable multi-host coordinator; also a write that fails during training
+  (disk full): the checkpoints already on disk are intact, rerun to resume;
 * 3: the loss or the state became NaN/Inf (every checkpoint on disk is finite;
   the message names the step and the last good checkpoint);
+* 130: interrupted by SIGINT (Ctrl-C; a checkpoint was saved, as for SIGTERM;
+  a second Ctrl-C stops at once without saving);
 * 143: preempted by SIGTERM (a checkpoint was saved: rerun the same command to
   resume, bit-exactly).
 """
@@ -27,13 +33,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import socket
 import sys
+import threading
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130
 EXIT_PREEMPTED = 143
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +60,11 @@ _PROC_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection."
 )
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s",
+    300,
+    "Multi-host: seconds to wait for the coordinator and the other processes to join.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,6 +78,8 @@ def _check_distributed_flags() -> str | None:
         return "pass either --coordinator_address or --distributed, not both"
     if _NUM_PROC.value is None or _PROC_ID.value is None:
         return "--coordinator_address needs --num_processes and --process_id"
+    if _DIST_TIMEOUT.value < 1:
+        return f"--distributed_timeout_s={_DIST_TIMEOUT.value} must be >= 1"
     if _NUM_PROC.value < 1 or not 0 <= _PROC_ID.value < _NUM_PROC.value:
         return (
             f"--process_id={_PROC_ID.value} must lie in [0, --num_processes="
@@ -70,22 +88,56 @@ def _check_distributed_flags() -> str | None:
     return None
 
 
-def _init_distributed() -> None:
-    """Joins the multi-host job (before anything initialises a JAX backend)."""
+def _wait_for_coordinator(address: str, timeout_s: float) -> str | None:
+    """Waits until ``HOST:PORT`` accepts a TCP connection; a line saying why not, or ``None``.
+
+    JAX aborts the process (no Python exception) when the coordinator cannot be
+    reached, so processes other than 0 check that it listens first.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"--coordinator_address={address!r} is not HOST:PORT"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                return (
+                    f"the coordinator at {address} cannot be reached ({e.strerror or e}) after "
+                    f"{timeout_s:g} s (--distributed_timeout_s); start process 0 first, or check "
+                    "--coordinator_address"
+                )
+            time.sleep(0.5)
+
+
+def _init_distributed() -> str | None:
+    """Joins the multi-host job (before anything initialises a JAX backend).
+
+    Returns:
+      ``None``, or a line saying why the job could not be joined.
+    """
     import jax
 
     if _COORD.value is None and not _DISTRIBUTED.value:
-        return
+        return None
     # Only the CPU backend reads this; it makes CPU processes use gloo collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if _COORD.value is not None:
-        jax.distributed.initialize(
-            coordinator_address=_COORD.value,
-            num_processes=_NUM_PROC.value,
-            process_id=_PROC_ID.value,
-        )
-    else:
-        jax.distributed.initialize()
+    if _COORD.value is None:
+        jax.distributed.initialize(initialization_timeout=_DIST_TIMEOUT.value)
+        return None
+    if _PROC_ID.value != 0:
+        problem = _wait_for_coordinator(_COORD.value, _DIST_TIMEOUT.value)
+        if problem:
+            return problem
+    jax.distributed.initialize(
+        coordinator_address=_COORD.value,
+        num_processes=_NUM_PROC.value,
+        process_id=_PROC_ID.value,
+        initialization_timeout=_DIST_TIMEOUT.value,
+    )
+    return None
 
 
 def _error(message: object) -> None:
@@ -118,6 +170,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
             + (f" ({' '.join(hint).strip()})" if hint else "")
             + "; unknown keys fail: check the spelling against the config file"
         )
+    except SyntaxError as e:  # the config file does not parse
+        _error(f"--config: {e.filename} line {e.lineno}: syntax error: {e.msg}")
+    except Exception as e:  # noqa: BLE001 - the config file's get_config() raised
+        _error(f"--config: loading the config file failed: {type(e).__name__}: {e}")
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -136,37 +192,122 @@ def _simulated_devices_workaround() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
-def main(argv) -> int:
-    del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    problem = _check_distributed_flags()
-    if problem:
-        _error(problem)
-        return EXIT_BAD_INPUT
-    _simulated_devices_workaround()
-    _init_distributed()
-    from sadt_jax.data import DatasetError
-    from sadt_jax.train import ConfigError, NonFiniteLossError, Preempted, train_and_evaluate
-    from sadt_jax.train.checkpointing import CheckpointError
+def _check_config() -> str | None:
+    """A line saying why ``--config`` did not load as a config, or ``None``."""
+    import ml_collections
 
     try:
-        _CONFIG.value.method  # noqa: B018 - a config file that failed to load raises here
+        config = _CONFIG.value
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        _error(f"--config: cannot load the config file: {lines[-1] if lines else e}")
-        return EXIT_BAD_INPUT
+        return f"--config: cannot load the config file: {lines[-1] if lines else e}"
+    if not isinstance(config, ml_collections.ConfigDict):
+        return (
+            f"--config: get_config() returned a {type(config).__name__}, not an "
+            "ml_collections.ConfigDict; build it with configs/common.py's base_config()"
+        )
+    return None
+
+
+def _run() -> int:
+    """Trains; maps each expected failure to its exit code and ``error:`` lines."""
+    from sadt_jax.data import DatasetError
+    from sadt_jax.io import CorruptFileError
+    from sadt_jax.train import ConfigError, NonFiniteLossError, Preempted, train_and_evaluate
+    from sadt_jax.train.checkpointing import CheckpointError
+    from sadt_jax.train.workdir import WorkdirError
+
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, WorkdirError, CorruptFileError) as e:
         _error(e)
         return EXIT_BAD_INPUT
+    except CheckpointError as e:  # none readable, or one could not be written
+        _error(e)
+        _exit_now(EXIT_BAD_INPUT)
     except NonFiniteLossError as e:
         _error(e)
         return EXIT_NONFINITE
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        _error("interrupted (a second Ctrl-C, or several processes): no checkpoint was saved")
+        return EXIT_INTERRUPTED
+    except OSError as e:  # disk full, permissions changed under the run, ...
+        where = f" ({e.filename})" if e.filename else ""
+        _error(
+            f"cannot write in --workdir={_WORKDIR.value}: {e.strerror or e}{where}; the "
+            "checkpoints already on disk are intact: free space or fix permissions and rerun "
+            "the same command to resume"
+        )
+        _exit_now(EXIT_BAD_INPUT)
     return 0
+
+
+def _quiet_thread_failure(args) -> None:
+    """Background threads (orbax, tensorstore) that fail print one line, not a traceback;
+    the failure reaches the main thread too and is reported there."""
+    text = str(args.exc_value).strip().splitlines()
+    print(
+        f"warning: background thread {getattr(args.thread, 'name', '?')} failed: "
+        f"{args.exc_type.__name__}: {(text[0] if text else '')[:200]}",
+        file=sys.stderr,
+    )
+
+
+def _quiet_unraisable(args) -> None:
+    """``sys.unraisablehook``: one line, not a traceback, for errors nothing can catch, e.g.
+    tensorstore callbacks into orbax's closed event loops after a failed write (the failure
+    itself is reported as an ``error:`` line)."""
+    text = str(args.exc_value).strip().splitlines()
+    line = f"warning: ignored {args.exc_type.__name__}: {(text[0] if text else '')[:200]}"
+    if line not in _SEEN_WARNINGS:  # such callbacks fail by the dozen
+        _SEEN_WARNINGS.add(line)
+        print(line, file=sys.stderr)
+
+
+_SEEN_WARNINGS: set[str] = set()
+
+
+class _NoTracebacks(logging.Filter):
+    """Drops the traceback of a library's error log record, keeping its one-line message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _exit_now(code: int) -> None:
+    """Exits without the interpreter's shutdown, where a failed write's leftover background
+    tasks (orbax's event loops) print tracebacks about a closed event loop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv) -> int:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    # A failed orbax write (e.g. disk full) also leaves "Task exception was never retrieved"
+    # tracebacks from asyncio; the failure itself is reported as one error: line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    threading.excepthook = _quiet_thread_failure
+    sys.unraisablehook = _quiet_unraisable
+    # orbax logs a failed background write with its traceback; one line is enough.
+    logging.getLogger("absl").addFilter(_NoTracebacks())
+    problem = _check_distributed_flags() or _check_config()
+    if not problem and not _WORKDIR.value:
+        problem = "--workdir is empty; name the run's output folder"
+    if problem:
+        _error(problem)
+        return EXIT_BAD_INPUT
+    _simulated_devices_workaround()
+    problem = _init_distributed()
+    if problem:
+        _error(problem)
+        return EXIT_BAD_INPUT
+    return _run()
 
 
 if __name__ == "__main__":

@@ -134,3 +134,23 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
+    port = _free_port()  # nothing listens there
+    workdir = str(tmp_path / "run")
+    args = cli_runs.cli_args(workdir, str(tmp_path / "data")) + [
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        "--process_id=1",
+        "--distributed_timeout_s=2",
+    ]
+    start = time.monotonic()
+    proc = cli_runs.run(args, env=cli_runs.env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"the coordinator at 127.0.0.1:{port} cannot be reached" in line, line
+    assert "--distributed_timeout_s" in line
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(workdir)

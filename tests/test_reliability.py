@@ -192,14 +192,14 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(
 @needs_fmnist
 def test_workdir_holding_another_config_is_refused(reference, data_dir, env, tmp_path):
     workdir = str(tmp_path / "run")
-    os.makedirs(workdir)
-    shutil.copy(os.path.join(reference, "config.json"), workdir)
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
     proc = cli_runs.run(cli_runs.cli_args(workdir, data_dir, "--config.seed=1"), env=env)
     assert proc.returncode == 2
     (line,) = error_lines(proc.stderr)
     assert "different config" in line and "seed: 0 -> 1" in line
     assert "--allow_config_change" in line
-    assert sorted(os.listdir(workdir)) == ["config.json"]  # nothing else touched
+    assert _snapshot(workdir) == before  # nothing touched
 
 
 def _truncated_idx(directory: str) -> None:
@@ -336,3 +336,212 @@ def test_save_refuses_a_nonfinite_tree(bad, tmp_path):
         ckpt.save(1, tree, {})
     ckpt.close()
     assert ckpt.all_steps() == []
+
+
+# ---- Extending, shortening, interrupting -----------------------------------------------
+
+
+def _summary(workdir: str) -> dict:
+    return json.loads(cli_runs.read_text(os.path.join(workdir, "summary.json")))
+
+
+@needs_fmnist
+def test_extending_from_a_partial_epoch_is_exact_and_shortening_is_refused(
+    reference, data_dir, env, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    # A run that failed before its first checkpoint left its config: another config may start.
+    stored = json.loads(cli_runs.read_text(os.path.join(reference, "config.json")))
+    stored["seed"] = 7
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(stored, f)
+    args = cli_runs.cli_args(workdir, data_dir)
+    for num_steps, ckpts, rows in ((3, [3], [3]), (11, [8, 11], [8, 11])):
+        proc = cli_runs.run([*args, f"--config.num_steps={num_steps}"], env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert cli_runs.checkpoint_steps(workdir) == ckpts
+        metrics = cli_runs.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines()
+        assert [json.loads(r)["step"] for r in metrics] == rows
+        assert _summary(workdir)["steps"] == num_steps
+    proc = cli_runs.run([*args, "--config.num_steps=16"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 11 (epoch 2, after 3 of its steps)" in proc.stdout
+    assert_same_run(workdir, reference)  # 3 + 8 + 5 steps == 16 steps in one go, bit for bit
+
+    # A finished run cannot be shortened; nothing is rewritten.
+    before = {
+        n: cli_runs.read_text(os.path.join(workdir, n)) for n in ("config.json", "metrics.jsonl")
+    }
+    proc = cli_runs.run([*args, "--config.num_steps=8"], env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "already trained to step 16" in line and "cannot be shortened" in line, line
+    for name, text in before.items():
+        assert cli_runs.read_text(os.path.join(workdir, name)) == text, name
+
+
+@needs_fmnist
+def test_ctrl_c_saves_like_sigterm_exits_130_and_resumes_exactly(
+    reference, data_dir, env, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    args = cli_runs.cli_args(workdir, data_dir)
+    rc, _, err = cli_runs.run_until(args, env=env, line="epoch 2/2 step 2/8", sig=signal.SIGINT)
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "preempted: SIGINT: checkpoint saved at step" in err
+    assert 8 < cli_runs.checkpoint_steps(workdir)[-1] < 16
+    proc = cli_runs.run(args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(workdir, reference)
+
+
+# ---- The workdir: locked, writable, readable records ------------------------------------
+
+
+def _fails(args: list[str], env: dict[str, str]) -> str:
+    """Runs ``args``; asserts exit 2, no traceback and one ``error:`` line; returns it."""
+    proc = cli_runs.run(args, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    return line
+
+
+def _snapshot(folder: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+@needs_fmnist
+def test_a_workdir_in_use_is_refused_naming_the_holder(data_dir, env, tmp_path):
+    import fcntl
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running run does
+        line = _fails(cli_runs.cli_args(workdir, data_dir), env)
+    finally:
+        os.close(fd)
+    assert f"is in use by another run (pid {os.getpid()})" in line, line
+    assert os.listdir(workdir) == []
+
+
+@needs_fmnist
+def test_unusable_workdirs_are_one_line(reference, data_dir, env, tmp_path):
+    a_file = str(tmp_path / "file")
+    with open(a_file, "w") as f:
+        f.write("x")
+    assert "is a file, not a folder" in _fails(cli_runs.cli_args(a_file, data_dir), env)
+    line = _fails(cli_runs.cli_args("", data_dir), env)
+    assert line == "error: --workdir is empty; name the run's output folder"
+    # config.json damaged next to checkpoints: the run cannot tell what they belong to.
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write('{"seed": ')
+    before = _snapshot(workdir)
+    line = _fails(cli_runs.cli_args(workdir, data_dir), env)
+    assert "config.json is not valid JSON" in line and "--allow_config_change" in line, line
+    assert _snapshot(workdir) == before
+    # metrics.jsonl damaged: refused, nothing rewritten.
+    shutil.copy(os.path.join(reference, "config.json"), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write("{not json\n")
+    before = _snapshot(workdir)
+    line = _fails(cli_runs.cli_args(workdir, data_dir), env)
+    assert "metrics.jsonl line 3 is not valid JSON" in line, line
+    assert _snapshot(workdir) == before
+
+
+@needs_fmnist
+def test_no_readable_checkpoint_is_a_short_error(reference, data_dir, env, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    for step in ("8", "16"):
+        _truncate_largest(os.path.join(workdir, "checkpoints", step))
+    proc = cli_runs.run(cli_runs.cli_args(workdir, data_dir), env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert lines and "no readable checkpoint" in lines[0], lines
+    assert len(proc.stderr.splitlines()) < 40, proc.stderr  # the reason, not pages of logs
+    assert cli_runs.checkpoint_steps(workdir) == [8, 16]  # nothing moved or deleted
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A fresh tmpfs mount (root only); yields ``(path, remount)``."""
+    import subprocess
+
+    path = str(tmp_path / "tmpfs")
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", path])
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here")
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", path], check=True)
+
+    try:
+        yield path, remount
+    finally:
+        subprocess.run(["umount", "-l", path])
+
+
+@needs_fmnist
+def test_read_only_workdir_and_full_disk_are_one_line(reference, data_dir, env, tmpfs):
+    path, remount = tmpfs
+    workdir = os.path.join(path, "run")
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
+    # A finished run on a read-only file system.
+    remount("ro")
+    line = _fails(cli_runs.cli_args(workdir, data_dir), env)
+    assert "is not writable" in line, line
+    remount("rw")
+    # A full disk while extending the run: refused with one line, the checkpoints intact.
+    free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+    with open(os.path.join(path, "filler"), "wb") as f:
+        f.write(b"\0" * (free - 64 * 1024))  # room for the records, not for a checkpoint
+    args = cli_runs.cli_args(workdir, data_dir, epochs=3)
+    proc = cli_runs.run(args, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert lines and "No space left on device" in " ".join(lines), lines
+    assert cli_runs.checkpoint_steps(workdir) == [8, 16]
+    saved = ("checkpoints/8/", "checkpoints/16/")
+    assert {k: v for k, v in _snapshot(workdir).items() if k.startswith(saved)} == {
+        k: v for k, v in before.items() if k.startswith(saved)
+    }
+    # Space freed: the same command resumes from step 16.
+    os.remove(os.path.join(path, "filler"))
+    proc = cli_runs.run(args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 16" in proc.stdout
+    assert cli_runs.checkpoint_steps(workdir)[-1] == 24
+
+
+def test_io_helpers_write_atomically_and_name_damaged_lines(tmp_path):
+    from sadt_jax import io
+
+    path = str(tmp_path / "rows.jsonl")
+    assert io.read_jsonl(path) == [] and io.read_json(str(tmp_path / "none.json"), 5) == 5
+    io.write_jsonl(path, [{"b": 1, "a": 2}, {"c": 3}])
+    assert cli_runs.read_text(path) == '{"a": 2, "b": 1}\n{"c": 3}\n'
+    assert io.read_jsonl(path) == [{"a": 2, "b": 1}, {"c": 3}]
+    io.write_json(str(tmp_path / "x.json"), {"k": np.float32(1.5)})
+    assert io.read_json(str(tmp_path / "x.json")) == {"k": "1.5"}
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl", "x.json"]  # no temporary files left
+    with open(path, "a") as f:
+        f.write("\n{oops\n")
+    with pytest.raises(io.CorruptFileError, match=r"rows.jsonl line 4 is not valid JSON"):
+        io.read_jsonl(path)

@@ -183,3 +183,18 @@ def test_teacher_every_k_steps_mixes_base_and_teacher_steps(tmp_path):
     # Half the steps have no teacher: the mean perturbation norm is about half of the full run's.
     assert 0.3 * full["train_perturbation_norm"] < row["train_perturbation_norm"]
     assert row["train_perturbation_norm"] < 0.7 * full["train_perturbation_norm"]
+
+
+def test_select_best_uses_validation_loss_only():
+    from sadt_jax.train.loop import select_best
+
+    rows = [
+        {"epoch": e, "test_loss": t, "test_accuracy": 0.5, "step": e}
+        for e, t in ((1, 0.9), (2, 0.1), (3, 0.5))
+    ]
+    assert select_best(rows) is None  # no validation split: nothing to select on, never test
+    for row, val in zip(rows, (0.4, 0.3, 0.3), strict=True):
+        row.update(val_loss=val, val_accuracy=1 - val)
+    best = select_best(rows)
+    assert best["epoch"] == 2 and best["val_loss"] == 0.3  # the first of equal losses
+    assert best["test_loss"] == 0.1

@@ -53,6 +53,20 @@ def _config(method="sadt_t1", /, **overrides):
             "data.name='cifar_10' is not a known dataset; choose one of: fashion_mnist",
         ),
         ({"sadt.teachers": "t9"}, "sadt.teachers='t9' is not valid; choose one of: t1, t2, t3"),
+        ({"seed": -1}, "seed=-1 is out of range: it must be >= 0"),
+        ({"init_seed": -2}, "init_seed=-2 is out of range: it must be >= 0"),
+        (
+            {"model.dropout_rate": 1.5},
+            "model.dropout_rate=1.5 is out of range: it must be in [0, 1)",
+        ),
+        ({"optim.decay_rate": -1.0}, "optim.decay_rate=-1.0 is out of range: it must be in (0, 1]"),
+        ({"optim.decay_steps": 0}, "optim.decay_steps=0 is out of range: it must be > 0"),
+        ({"optim.warmup_epochs": -1.0}, "optim.warmup_epochs=-1.0 is out of range"),
+        ({"optim.momentum": 1.0}, "optim.momentum=1.0 is out of range: it must be in [0, 1)"),
+        ({"optim.weight_decay": -1e-4}, "optim.weight_decay=-0.0001 is out of range"),
+        ({"optim.adam_eps": 0.0}, "optim.adam_eps=0.0 is out of range: it must be > 0"),
+        ({"optim.agc_clip": 0.0}, "optim.agc_clip=0.0 is out of range: it must be > 0"),
+        ({"accuracy_thresholds": (0.5, 90.0)}, "accuracy_thresholds=(0.5, 90.0) is out of range"),
         (
             {"model.name": "resnet18", "model.dropout_rate": 0.3},
             "model.dropout_rate=0.3: model resnet18 has no dropout; set "
@@ -148,10 +162,12 @@ def test_workdir_guard(tmp_path):
     validation.guard_workdir(config, workdir)  # empty workdir: fine
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, default=str)
+    other = _config(**{"sadt.rho": 2e-3})
+    validation.guard_workdir(other, workdir)  # no checkpoint: nothing to resume, any config
+    os.makedirs(os.path.join(workdir, "checkpoints", "8"))
     validation.guard_workdir(config, workdir)  # same config: fine
     longer = _config(num_epochs=10)
     validation.guard_workdir(longer, workdir)  # only the duration changed: fine
-    other = _config(**{"sadt.rho": 2e-3})
     with pytest.raises(ConfigError) as e:
         validation.guard_workdir(other, workdir)
     (line,) = str(e.value).splitlines()
@@ -205,6 +221,49 @@ def test_cli_batch_not_divisible_by_devices(tmp_path):
 def test_cli_bad_variant_key_dataset_or_flags(method, flag, message, tmp_path):
     (line,) = _cli(tmp_path, *([flag] if flag else []), method=method)
     assert line.startswith(message), line
+
+
+def test_workdir_guard_ignores_removed_fields_and_reports_a_damaged_config(tmp_path):
+    config = _config()
+    workdir = str(tmp_path)
+    os.makedirs(os.path.join(workdir, "checkpoints", "8"))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({**config.to_dict(), "eval_every_epochs": 1}, f, default=str)  # older runs
+    validation.guard_workdir(config, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write("[1, 2")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        validation.guard_workdir(config, workdir)
+
+
+def test_cli_seed_out_of_range_fails_before_compiling(tmp_path):
+    (line,) = _cli(tmp_path, "--config.seed=-1")
+    assert line == "error: seed=-1 is out of range: it must be >= 0"
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def get_config(:\n    pass\n", "line 1: syntax error: invalid syntax"),
+        ("def get_config():\n    return {'method': 'base'}\n", "returned a dict, not an ml_"),
+        ("def get_config():\n    raise RuntimeError('boom')\n", "failed: RuntimeError: boom"),
+    ],
+)
+def test_cli_config_file_that_does_not_load(source, message, tmp_path):
+    path = tmp_path / "bad_config.py"
+    path.write_text(source)
+    workdir = str(tmp_path / "run")
+    args = [
+        *cli_runs.cli_args(workdir, str(tmp_path))[:3],
+        f"--config={path}",
+        f"--workdir={workdir}",
+    ]
+    proc = cli_runs.run(args, env=cli_runs.env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --config: ") and message in line, line
+    assert not os.path.exists(workdir)
 
 
 def test_cli_unknown_t2_path(tmp_path):

@@ -3,6 +3,9 @@
 Kept apart from the loop so that tests, the benchmark and the experiment suites
 build exactly what a run builds: the :class:`SADTConfig` of the method (preset
 plus ``config.sadt`` overrides), the base optimizer, the model, the duration.
+:func:`build_run` is the one place that turns a (validated) config into a
+:class:`Run`: dataset, duration, mesh, model, optimizer, method and the initial
+state; the loop and ``experiments/restore.py`` both use it.
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sadt_jax import models
 from sadt_jax.algorithm.methods import make_optimizer, method_config
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.algorithm.step import SADTConfig
+from sadt_jax.data import Dataset
+from sadt_jax.train import steps
 
 __all__ = [
+    "Run",
     "build_model",
     "build_optimizer",
+    "build_run",
     "init_state",
     "num_train_steps",
     "resolve_sadt_config",
@@ -149,4 +158,106 @@ def init_state(
         tx=tx,
         key=run_key,
         ema_teacher=sadt_config.uses_ema,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is built from, derived once from its config.
+
+    Attributes:
+      config: the run's config.
+      sadt_config: the method (:func:`resolve_sadt_config`).
+      dataset: the loaded dataset.
+      steps_per_epoch: batches per epoch (the last partial batch is dropped).
+      total_steps: the training length in steps (:func:`num_train_steps`).
+      num_epochs: epochs started, the last one possibly partial.
+      model: the flax module.
+      tx: the base optimizer.
+      mesh: a 1-D mesh over all devices, axis ``"data"``.
+      aug_key: base key of the augmentation stream.
+    """
+
+    config: Any
+    sadt_config: SADTConfig
+    dataset: Dataset
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    model: Any
+    tx: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    aug_key: jax.Array
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """Sharding of the state: a full copy on every device."""
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        """Sharding of a global batch: split over the ``data`` axis."""
+        return NamedSharding(self.mesh, P("data"))
+
+    def _init_state(self) -> TrainState:
+        return init_state(
+            self.config, self.model, self.dataset.image_shape, self.tx, self.sadt_config
+        )
+
+    def init_state(self) -> TrainState:
+        """The initial state, replicated over the mesh."""
+        # jit, not device_put: a device_put of local arrays to a multi-process sharding
+        # makes arrays that orbax cannot save.
+        return jax.jit(self._init_state, out_shardings=self.replicated)()
+
+    def init_metric_sums(self) -> dict[str, jax.Array]:
+        """Zeroed running metric sums, replicated over the mesh."""
+        return jax.jit(steps.init_metric_sums, out_shardings=self.replicated)()
+
+    def abstract_checkpoint(self) -> dict[str, Any]:
+        """The shapes and shardings of a checkpoint's ``{"state", "metrics"}`` tree (no compute)."""
+
+        def tree():
+            return {"state": self._init_state(), "metrics": steps.init_metric_sums()}
+
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+            jax.eval_shape(tree),
+        )
+
+
+def load_run_dataset(config: Any) -> Dataset:
+    """The dataset as ``config.data`` describes it (split, subset, location, release split)."""
+    from sadt_jax.train import protocol  # protocol -> validation -> builders: import late
+
+    return protocol.load_data(config)
+
+
+def build_run(config: Any, *, dataset: Dataset | None = None) -> Run:
+    """Builds a :class:`Run` from a validated config (loads the dataset unless given).
+
+    Args:
+      config: the run's config (checked by :mod:`sadt_jax.train.validation`).
+      dataset: the dataset, if already loaded.
+
+    Returns:
+      The :class:`Run`; nothing is initialised or compiled yet.
+    """
+    ds = load_run_dataset(config) if dataset is None else dataset
+    from sadt_jax.train import protocol
+
+    steps_per_epoch = protocol.steps_per_epoch(config, ds.num_train)  # partial batch kept or not
+    total_steps = num_train_steps(config, steps_per_epoch)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return Run(
+        config=config,
+        sadt_config=resolve_sadt_config(config),
+        dataset=ds,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        num_epochs=steps_to_epochs(total_steps, steps_per_epoch),
+        model=build_model(config, ds.num_classes),
+        tx=build_optimizer(config, steps_per_epoch),
+        mesh=mesh,
+        aug_key=run_keys(config)[2],
     )

@@ -11,7 +11,9 @@ A checkpoint holds two items:
 Guarantees:
 
 * :meth:`Checkpointer.save` refuses a tree holding NaN or Inf
-  (:class:`NonFiniteStateError`), so no checkpoint on disk is non-finite.
+  (:class:`NonFiniteStateError`), so no checkpoint on disk is non-finite; a save
+  that fails (disk full, permissions) is one :class:`CheckpointError` line, and
+  orbax only finalises a checkpoint once it is complete, so earlier ones are intact.
 * :meth:`Checkpointer.restore` restores into an abstract target built with
   ``jax.eval_shape`` (arrays come back with the right shardings) and checks the
   result against the saved fingerprint. If the newest checkpoint cannot be read
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -44,7 +47,22 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be restored."""
+    """Checkpoints exist but none can be restored, or a checkpoint cannot be written."""
+
+
+_OS_REASONS = re.compile(
+    r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied"
+)
+
+
+def _write_failure(step: int, directory: str, e: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a save that failed (disk full, permissions)."""
+    reason = _OS_REASONS.search(str(e))
+    return CheckpointError(
+        f"cannot write checkpoint {step} in {directory} "
+        f"({reason.group(0) if reason else _first_line(e)[:300]}); the checkpoints already "
+        "on disk are intact: free space or fix permissions, then rerun the same command to resume"
+    )
 
 
 class NonFiniteStateError(ValueError):
@@ -112,6 +130,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = False):
         self.directory = directory
+        self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
@@ -137,14 +156,18 @@ class Checkpointer:
         sums, finite = _report(tree)
         if not finite:
             raise NonFiniteStateError(f"refusing to save checkpoint {step}: it holds NaN or Inf")
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree),
-                meta=ocp.args.JsonSave({**meta, "fingerprint": sums}),
-            ),
-            force=True,
-        )
+        self._last_saved = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree),
+                    meta=ocp.args.JsonSave({**meta, "fingerprint": sums}),
+                ),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in several types
+            raise _write_failure(step, self.directory, e) from e
 
     def _restore_step(self, step: int, abstract_tree: Any) -> tuple[Any, dict[str, Any]]:
         restored = self._manager.restore(
@@ -228,12 +251,21 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until background saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until background saves are on disk.
+
+        Raises:
+          CheckpointError: a background save failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise _write_failure(self._last_saved, self.directory, e) from e
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

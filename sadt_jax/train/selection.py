@@ -43,13 +43,13 @@ def selection_loss(config: Any, row: dict[str, Any]) -> float:
     """The loss the rule compares for one ``metrics.jsonl`` row.
 
     ``val_selection_loss`` (the last validation batch's CE) under ``selection.loss="last_batch"``,
-    else ``val_loss``; the test loss when there is no validation split.
+    else ``val_loss``. Never the test loss: a run without a validation split selects nothing.
     """
     group = config.get("selection")
     kind = "full" if group is None else group.get("loss", "full")
     if kind == "last_batch" and "val_selection_loss" in row:
         return float(row["val_selection_loss"])
-    return float(row.get("val_loss", row["test_loss"]))
+    return float(row["val_loss"])
 
 
 def select_epoch(losses: Sequence[float], first_epoch: int = 1) -> tuple[int, float | None]:
@@ -80,14 +80,17 @@ class Selection:
     Args:
       config: the run's config (``selection.*``, ``ckpt.enabled``, ``ckpt.keep_best``).
       workdir: the run's folder; the weights go to ``workdir/best/``.
+      has_validation: ``False`` when the run has no validation split: then nothing is
+        selected, kept or tested (the test set is never used to select).
     """
 
-    def __init__(self, config: Any, workdir: str):
+    def __init__(self, config: Any, workdir: str, *, has_validation: bool = True):
         self.config = config
+        self.enabled = has_validation
         group = config.get("selection")
         self.first_epoch = 1 if group is None else int(group.get("first_epoch", 1))
         self.directory = os.path.join(workdir, "best")
-        keep = config.ckpt.enabled and config.ckpt.get("keep_best", True)
+        keep = has_validation and config.ckpt.enabled and config.ckpt.get("keep_best", True)
         self._manager = None
         if keep:
             options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
@@ -110,6 +113,8 @@ class Selection:
           initial_state_fn: ``() -> TrainState`` rebuilding the initial state.
           history: the ``metrics.jsonl`` rows of the epochs already done.
         """
+        if not self.enabled:
+            return
         losses = [selection_loss(self.config, r) for r in history]
         self.epoch, self.loss = select_epoch(losses, self.first_epoch)
         self.minimum = min(losses, default=math.inf)
@@ -129,6 +134,8 @@ class Selection:
 
     def update(self, epoch: int, row: dict[str, Any], state) -> bool:
         """Applies the rule after ``epoch`` (1-based); returns whether the slot was replaced."""
+        if not self.enabled:
+            return False
         loss = selection_loss(self.config, row)
         fired = epoch >= self.first_epoch and loss < self.minimum
         self.minimum = min(self.minimum, loss)
@@ -170,13 +177,16 @@ class Selection:
         )
         return restored.variables
 
-    def test(self, evaluate_fn, state) -> dict[str, Any]:
+    def test(self, evaluate_fn, state) -> dict[str, Any] | None:
         """Evaluates the selected weights with ``evaluate_fn(state) -> {"loss", "accuracy"}``.
 
         Returns:
           The summary's ``selected`` entry: epoch (0 = the initial weights), selection loss,
-          the test loss and accuracy of the selected weights, and where they are kept.
+          the test loss and accuracy of the selected weights, and where they are kept;
+          ``None`` when the run has no validation split.
         """
+        if not self.enabled:
+            return None
         out: dict[str, Any] = {
             "epoch": self.epoch,
             "selection_loss": self.loss,

@@ -19,11 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sadt_jax import models
+from sadt_jax import io, models
 from sadt_jax.algorithm.config import sadt_field_errors
 from sadt_jax.algorithm.methods import ADAM_EPS_PLACEMENTS, METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import param_paths
 from sadt_jax.train import builders, steps
+from sadt_jax.train.workdir import has_checkpoint
 
 __all__ = [
     "ConfigError",
@@ -39,6 +40,8 @@ DTYPES = tuple(builders.DTYPES)
 SCHEDULES = builders.SCHEDULES
 # Fields that may change when resuming a workdir without --allow_config_change.
 RESUMABLE_CHANGES = {"num_epochs", "num_steps", "log_every_steps", "ckpt.async_save"}
+# Fields that older versions wrote to config.json and that no longer exist (they did nothing).
+REMOVED_FIELDS = {"eval_every_epochs"}
 
 
 class ConfigError(ValueError):
@@ -121,6 +124,7 @@ def validate_config(config: Any) -> None:
     )
     errors.extend(sadt_field_errors(s, prefix="sadt."))  # the one home of these checks
     rng(config.optim.learning_rate, lambda v: v > 0, "optim.learning_rate", "> 0")
+    errors += _run_range_errors(config)
     rng(config.num_epochs, lambda v: v >= 1, "num_epochs", ">= 1")
     rng(config.get("num_steps"), lambda v: v >= 1, "num_steps", ">= 1")
     rng(config.batch_size, lambda v: v >= 1, "batch_size", ">= 1")
@@ -152,6 +156,35 @@ def validate_config(config: Any) -> None:
     errors = [e for e in errors if e]
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _run_range_errors(config: Any) -> list[str]:
+    """Range problems of the run's non-method fields (seeds, model, optimizer, thresholds)."""
+    o = config.optim
+    checks = [
+        (config.seed, lambda v: v >= 0, "seed", ">= 0"),
+        (config.get("init_seed"), lambda v: v >= 0, "init_seed", ">= 0 (or None = seed)"),
+        (config.model.get("dropout_rate"), lambda v: 0 <= v < 1, "model.dropout_rate", "in [0, 1)"),
+        (o.decay_rate, lambda v: 0 < v <= 1, "optim.decay_rate", "in (0, 1]"),
+        (o.decay_steps, lambda v: v > 0, "optim.decay_steps", "> 0"),
+        (o.warmup_epochs, lambda v: v >= 0, "optim.warmup_epochs", ">= 0"),
+        (o.momentum, lambda v: 0 <= v < 1, "optim.momentum", "in [0, 1)"),
+        (o.weight_decay, lambda v: v >= 0, "optim.weight_decay", ">= 0"),
+        (o.adam_eps, lambda v: v > 0, "optim.adam_eps", "> 0"),
+        (o.agc_clip, lambda v: v > 0, "optim.agc_clip", "> 0"),
+    ]
+    errors = [
+        f"{field}={value!r} is out of range: it must be {want}"
+        for value, ok, field, want in checks
+        if value is not None and not ok(value)
+    ]
+    bad = [t for t in config.accuracy_thresholds if not 0 < t <= 1]
+    if bad:
+        errors.append(
+            f"accuracy_thresholds={tuple(config.accuracy_thresholds)!r} is out of range: "
+            "every threshold must be in (0, 1]"
+        )
+    return errors
 
 
 def validate_against_data(config: Any, num_train: int, sadt_config: Any) -> None:
@@ -214,23 +247,36 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def guard_workdir(config: Any, workdir: str, *, allow_change: bool = False) -> None:
-    """Refuses a workdir that holds a run with a different config.
+    """Refuses a workdir whose checkpoints belong to a run with a different config.
 
     Changing only the duration or logging (``RESUMABLE_CHANGES``) is allowed, so
-    a finished run can be extended.
+    a finished run can be extended. A workdir without a checkpoint (a run that
+    failed before its first save) holds nothing to resume, so any config may
+    start there afresh.
     """
     path = os.path.join(workdir, "config.json")
-    if allow_change or not os.path.exists(path):
+    if allow_change or not has_checkpoint(workdir):
         return
-    with open(path) as f:
-        old = _flatten(json.load(f))
+    try:
+        stored = io.read_json(path)
+    except io.CorruptFileError as e:
+        raise ConfigError(
+            f"{e}; it records the config of the checkpoints in {workdir}: restore it, or "
+            "pass --allow_config_change to resume with the current config"
+        ) from None
+    if stored is None:
+        return
+    if not isinstance(stored, dict):
+        raise ConfigError(
+            f"{path} does not hold a config (a JSON object); restore it, or pass "
+            "--allow_config_change to resume with the current config"
+        )
+    old = json.loads(json.dumps(_flatten(stored), default=str))
     new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
-    old = json.loads(json.dumps(old, default=str))
     # A key absent on one side counts as None: a field added to the configs later, left at
     # its None default, does not change the run.
-    diff = sorted(
-        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-    )
+    ignored = RESUMABLE_CHANGES | REMOVED_FIELDS
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignored)
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
         raise ConfigError(
