@@ -55,7 +55,6 @@ import sys
 from collections.abc import Sequence
 
 from experiments import suites
-from experiments.jsonio import write_text
 from experiments.plots import (
     plot_bars,
     plot_curves,
@@ -78,6 +77,7 @@ from experiments.tables import (
     sharpness_table,
 )
 from experiments.workdirs import accuracy_key, collect_runs, group_runs
+from sadt_jax.io import write_text
 
 __all__ = ["aggregate_suite", "canonical_command", "main"]
 

@@ -46,9 +46,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from experiments import aggregate, suites
-from experiments.jsonio import read_json, write_json
 from experiments.suites import Cell
 from experiments.workdirs import STATUS_FILE, cell_state
+from sadt_jax.io import read_json_lenient as read_json
+from sadt_jax.io import write_json
 
 __all__ = ["cell_state", "git_info", "host_info", "main", "run_cells"]
 

@@ -15,8 +15,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.jsonio import read_json, read_jsonl
 from experiments.suites import Cell
+from sadt_jax.io import read_json_lenient as read_json
+from sadt_jax.io import read_jsonl
 
 __all__ = [
     "STATUS_FILE",

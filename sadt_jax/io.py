@@ -12,7 +12,15 @@ import json
 import os
 from typing import Any
 
-__all__ = ["CorruptFileError", "read_json", "read_jsonl", "write_json", "write_jsonl"]
+__all__ = [
+    "CorruptFileError",
+    "read_json",
+    "read_json_lenient",
+    "read_jsonl",
+    "write_json",
+    "write_jsonl",
+    "write_text",
+]
 
 
 class CorruptFileError(ValueError):
@@ -33,6 +41,12 @@ def _write_atomic(path: str, text: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as indented JSON with sorted keys (non-JSON values as ``str``), atomically."""
     _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str, text: str) -> str:
+    """Writes ``text`` to ``path`` atomically; returns the path."""
+    _write_atomic(path, text)
+    return path
 
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
@@ -77,3 +91,15 @@ def read_jsonl(path: str) -> list[Any]:
         except ValueError as e:
             raise CorruptFileError(f"{path} line {number} is not valid JSON ({e})") from None
     return rows
+
+
+def read_json_lenient(path: str, default: Any = None) -> Any:
+    """The JSON value in ``path``, or ``default`` when it is missing, unreadable or damaged.
+
+    For readers that survey many run folders (``experiments/``), where a half-written or
+    damaged record means "not finished" rather than an error.
+    """
+    try:
+        return read_json(path, default)
+    except (CorruptFileError, OSError):
+        return default

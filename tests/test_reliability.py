@@ -545,3 +545,10 @@ def test_io_helpers_write_atomically_and_name_damaged_lines(tmp_path):
         f.write("\n{oops\n")
     with pytest.raises(io.CorruptFileError, match=r"rows.jsonl line 4 is not valid JSON"):
         io.read_jsonl(path)
+    # Survey readers (experiments/) treat a damaged record as missing instead.
+    bad = str(tmp_path / "bad.json")
+    assert io.write_text(bad, "{half") == bad
+    assert io.read_json_lenient(bad, "missing") == "missing"
+    assert io.read_json_lenient(str(tmp_path / "x.json")) == {"k": "1.5"}
+    with pytest.raises(io.CorruptFileError):
+        io.read_json(bad)

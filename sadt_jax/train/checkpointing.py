@@ -55,7 +55,7 @@ _OS_REASONS = re.compile(
 )
 
 
-def _write_failure(step: int, directory: str, e: BaseException) -> CheckpointError:
+def write_failure(step: int, directory: str, e: BaseException) -> CheckpointError:
     """A one-line :class:`CheckpointError` for a save that failed (disk full, permissions)."""
     reason = _OS_REASONS.search(str(e))
     return CheckpointError(
@@ -167,7 +167,7 @@ class Checkpointer:
                 force=True,
             )
         except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in several types
-            raise _write_failure(step, self.directory, e) from e
+            raise write_failure(step, self.directory, e) from e
 
     def _restore_step(self, step: int, abstract_tree: Any) -> tuple[Any, dict[str, Any]]:
         restored = self._manager.restore(
@@ -259,7 +259,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise _write_failure(self._last_saved, self.directory, e) from e
+            raise write_failure(self._last_saved, self.directory, e) from e
 
     def close(self) -> None:
         try:

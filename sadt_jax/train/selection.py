@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sadt_jax.train import checkpointing
+
 __all__ = ["Selection", "select_epoch", "selection_loss"]
 
 log = logging.getLogger(__name__)
@@ -153,14 +155,17 @@ class Selection:
         for stale in [s for s in self._manager.all_steps() if s > epoch]:
             self._manager.delete(stale)  # written after the checkpoint this run resumed from
         meta = {"epoch": epoch, "selection_loss": self.loss, "first_epoch": self.first_epoch}
-        self._manager.save(
-            epoch,
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(self.variables), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                epoch,
+                args=ocp.args.Composite(
+                    variables=ocp.args.StandardSave(self.variables), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax wraps OS errors (disk full) in several types
+            raise checkpointing.write_failure(epoch, self.directory, e) from e
 
     def _restore(self, state) -> dict[str, Any] | None:
         if self._manager is None or self.epoch not in self._manager.all_steps():
