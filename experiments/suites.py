@@ -363,6 +363,7 @@ FM_BATCH = 256
 FM_TRAIN_EXAMPLES = 7680  # 30 steps of 256 per epoch
 FM_EPOCHS = 5
 FM_SEEDS = (0, 1, 2)
+FM_METHODS = PAPER_METHODS + CONTROL_METHODS
 
 
 def _fashion_mnist_method_cell(
@@ -432,7 +433,7 @@ def fashion_mnist_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]
             smoke=smoke,
         )
         for seed in seeds
-        for method in PAPER_METHODS + CONTROL_METHODS
+        for method in FM_METHODS
     ]
 
 
@@ -694,7 +695,8 @@ def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
 
     The ``fashion_mnist`` suite's budget and protocol (simple CNN, batch 256, the first
     7680 training images, 5 epochs = 150 steps, validation = the first 3000 test images),
-    so seeds 0-2 of ``base``, ``base_2x``, ``sadt_t1`` and ``sam`` replicate that suite.
+    so ``base``, ``base_2x``, ``sadt_t1`` and ``sam`` *are* that suite's cells: they share
+    its workdirs (``<root>/fashion_mnist/<method>_s<seed>``) and are trained once.
     Within a seed every cell starts from the same initial weights and sees the same
     batches (``config.seed`` draws both, independently of the method). Cells:
 
@@ -719,8 +721,10 @@ def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     cells = []
     for seed in seeds:
         for name, (method, extra) in ABLATION_CELLS.items():
+            # A cell without overrides *is* the fashion_mnist suite's cell of its method:
+            # it shares that suite's workdir, so those runs are not trained twice.
             cell = _fashion_mnist_method_cell(
-                "ablation",
+                "fashion_mnist" if not extra and name in FM_METHODS else "ablation",
                 method,
                 seed,
                 setting=f"fashion_mnist/simple_cnn/b{FM_BATCH}",
@@ -735,7 +739,11 @@ def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
             overrides["seed"] = seed_value
             cells.append(
                 dataclasses.replace(
-                    cell, name=f"{name}_s{seed}", label=name, overrides=tuple(overrides.items())
+                    cell,
+                    name=f"{name}_s{seed}",
+                    group="ablation",
+                    label=name,
+                    overrides=tuple(overrides.items()),
                 )
             )
     return cells

@@ -91,6 +91,10 @@ def test_ablation_grid():
     for name in ("base", "base_2x", "sadt_t1", "sam"):
         a, b = by_name[f"{name}_s1"], fm[f"{name}_s1"]
         assert (a.config, a.overrides) == (b.config, b.overrides)
+        # ... and share its workdir, so they are trained once for both suites.
+        assert a.workdir("/r") == b.workdir("/r") == f"/r/fashion_mnist/{name}_s1"
+        assert a.group == "ablation"
+    assert by_name["rdrop_s1"].workdir("/r") == "/r/ablation/rdrop_s1"
     expected = {
         "base_lr2x": ("base", ("optim.learning_rate", 2e-4)),
         "base_steps2x": ("base", ("num_epochs", 10)),
