@@ -29,7 +29,7 @@ from configs import cifar10, cifar100, common, fashion_mnist
 from sadt_jax import models
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.data import augment, pipeline, release_order
-from sadt_jax.train import protocol, steps
+from sadt_jax.train import protocol, steps, validation
 from sadt_jax.train.selection import Selection, select_epoch
 from sadt_jax.train.validation import ConfigError
 
@@ -85,23 +85,23 @@ def test_protocol_fields_are_validated():
     config.data.order = "shuffle"
     config.selection.first_epoch = 0
     with pytest.raises(ConfigError) as e:
-        protocol.validate_config(config)
+        validation.validate_config(config)
     assert "data.order='shuffle'" in str(e.value) and "selection.first_epoch=0" in str(e.value)
 
 
 def test_partial_batch_must_split_over_devices(monkeypatch):
     config = cifar10.get_config("base,release")  # batch 512: CIFAR's remainder is 336
-    monkeypatch.setattr(protocol.jax, "device_count", lambda: 16)
-    protocol.validate_against_data(config, 50_000)  # 336 = 16 x 21
+    monkeypatch.setattr(validation.jax, "device_count", lambda: 16)
+    validation.validate_against_data(config, 50_000)  # 336 = 16 x 21
     with pytest.raises(ConfigError, match="partial last batch of 16 examples .* 32 devices"):
-        monkeypatch.setattr(protocol.jax, "device_count", lambda: 32)
-        protocol.validate_against_data(config, 50_000 - 320)
-    monkeypatch.setattr(protocol.jax, "device_count", lambda: 16)
+        monkeypatch.setattr(validation.jax, "device_count", lambda: 32)
+        validation.validate_against_data(config, 50_000 - 320)
+    monkeypatch.setattr(validation.jax, "device_count", lambda: 16)
     config.sadt.m_sharpness = 4
     with pytest.raises(ConfigError, match="m_sharpness=4 does not divide .* 21 examples"):
-        protocol.validate_against_data(config, 50_000)
+        validation.validate_against_data(config, 50_000)
     config.data.drop_remainder = True
-    protocol.validate_against_data(config, 50_000)
+    validation.validate_against_data(config, 50_000)
 
 
 # ----------------------------------------------------------------------------- the shuffle

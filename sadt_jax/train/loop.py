@@ -280,13 +280,11 @@ def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool =
         raise WorkdirError("--workdir is empty; name the run's output folder")
     workdir = os.path.abspath(workdir)
     validation.validate_config(config)
-    protocol.validate_config(config)
     validation.validate_against_model(config, builders.resolve_sadt_config(config))
     with _Preemption() as preemption, WorkdirLock(workdir):
         validation.guard_workdir(config, workdir, allow_change=allow_config_change)
         run = builders.build_run(config)
-        validation.validate_against_data(config, run.dataset.num_train, run.sadt_config)
-        protocol.validate_against_data(config, run.dataset.num_train)
+        validation.validate_against_data(config, run.dataset.num_train)
         ckpt = _open_checkpointer(config, workdir)
         try:
             return _train(run, workdir, ckpt, preemption, t_start)

@@ -13,7 +13,8 @@ Each function reads one group of config fields (``configs/common.py`` lists them
 * :func:`evaluate`: validation loss and accuracy, and the CE of the last validation batch
   (``selection.loss="last_batch"``), which the release selects on.
 
-The selection rule and the kept ``best`` weights are in :mod:`sadt_jax.train.selection`.
+The selection rule and the kept ``best`` weights are in :mod:`sadt_jax.train.selection`; the
+checks of these fields are in :mod:`sadt_jax.train.validation`, with every other config check.
 Every field is read with ``config.<section>.get(name, default)``, so configs written before a
 field existed (an old ``config.json``) mean the project's protocol.
 """
@@ -27,9 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sadt_jax.data import Dataset, load_dataset, normalization_constants, pipeline, release_order
-from sadt_jax.data.augment import CUTMIX_BOXES
-from sadt_jax.data.sources import NORMALIZATIONS
-from sadt_jax.train.validation import ConfigError
 
 __all__ = [
     "SELECTION_LOSSES",
@@ -40,15 +38,13 @@ __all__ = [
     "make_optimizer_reset",
     "normalization",
     "steps_per_epoch",
-    "validate_against_data",
-    "validate_config",
 ]
 
 CUTMIX_PARTNERS = ("batch", "stream")
 SELECTION_LOSSES = ("full", "last_batch")
 
 
-def _field(config: Any, section: str, name: str, default: Any) -> Any:
+def field(config: Any, section: str, name: str, default: Any) -> Any:
     group = config.get(section)
     return default if group is None else group.get(name, default)
 
@@ -56,56 +52,7 @@ def _field(config: Any, section: str, name: str, default: Any) -> Any:
 def uses_partner_stream(config: Any) -> bool:
     """Whether CutMix takes its partners from a second stream (and the augmentation mixes)."""
     mixes = "cutmix" in config.data.augment
-    return mixes and _field(config, "data", "cutmix_partner", "batch") == "stream"
-
-
-def validate_config(config: Any) -> None:
-    """Checks the protocol's fields; raises :class:`ConfigError` with one line per problem."""
-    errors = []
-    for section, name, valid, default in (
-        ("data", "normalization", NORMALIZATIONS, "standardize"),
-        ("data", "order", release_order.ORDERS, "permutation"),
-        ("data", "cutmix_partner", CUTMIX_PARTNERS, "batch"),
-        ("data", "cutmix_box", CUTMIX_BOXES, "reference"),
-        ("selection", "loss", SELECTION_LOSSES, "full"),
-    ):
-        value = _field(config, section, name, default)
-        if value not in valid:
-            errors.append(
-                f"{section}.{name}={value!r} is not valid; choose one of: {', '.join(valid)}"
-            )
-    for section, name, default in (
-        ("data", "shuffle_buffer", 1024),
-        ("selection", "first_epoch", 1),
-    ):
-        value = _field(config, section, name, default)
-        if not isinstance(value, int) or value < 1:
-            errors.append(f"{section}.{name}={value!r} is out of range: it must be an integer >= 1")
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
-def validate_against_data(config: Any, num_train: int) -> None:
-    """Checks that a kept partial last batch can be sharded over all devices and processes."""
-    try:
-        release_order.check_partial_batch(
-            num_train,
-            config.batch_size,
-            jax.device_count(),
-            drop_remainder=_field(config, "data", "drop_remainder", True),
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    m = config.sadt.get("m_sharpness")
-    remainder = num_train % config.batch_size
-    if m and remainder and not _field(config, "data", "drop_remainder", True):
-        per_device = remainder // jax.device_count()
-        if per_device % m:
-            raise ConfigError(
-                f"sadt.m_sharpness={m} does not divide the partial last batch's {per_device} "
-                f"examples per device ({num_train} mod batch_size={config.batch_size}); set "
-                "data.drop_remainder=True or pick a batch size whose remainder splits into groups"
-            )
+    return mixes and field(config, "data", "cutmix_partner", "batch") == "stream"
 
 
 def load_data(config: Any) -> Dataset:
@@ -115,18 +62,18 @@ def load_data(config: Any) -> Dataset:
         data_dir=config.data.get("data_dir"),
         num_validation=config.data.num_validation,
         max_train_examples=config.data.get("max_train_examples"),
-        test_skip=1 if _field(config, "data", "release_split", False) else 0,
+        test_skip=1 if field(config, "data", "release_split", False) else 0,
     )
 
 
 def normalization(config: Any, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """``(mean, std)`` for :func:`sadt_jax.data.augment.normalize` under ``data.normalization``."""
-    return normalization_constants(ds, _field(config, "data", "normalization", "standardize"))
+    return normalization_constants(ds, field(config, "data", "normalization", "standardize"))
 
 
 def steps_per_epoch(config: Any, num_train: int) -> int:
     """Steps per epoch: the partial last batch counts when ``data.drop_remainder`` is False."""
-    drop = _field(config, "data", "drop_remainder", True)
+    drop = field(config, "data", "drop_remainder", True)
     return release_order.num_batches(num_train, config.batch_size, drop_remainder=drop)
 
 
@@ -141,10 +88,10 @@ def epoch_plan(config: Any, num_train: int, epoch: int) -> list[dict[str, np.nda
         config.batch_size,
         seed=config.seed,
         epoch=epoch,
-        order=_field(config, "data", "order", "permutation"),
-        buffer_size=_field(config, "data", "shuffle_buffer", 1024),
+        order=field(config, "data", "order", "permutation"),
+        buffer_size=field(config, "data", "shuffle_buffer", 1024),
         partner=uses_partner_stream(config),
-        drop_remainder=_field(config, "data", "drop_remainder", True),
+        drop_remainder=field(config, "data", "drop_remainder", True),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -169,7 +116,7 @@ def make_optimizer_reset(config: Any, sharding: Any):
     restart, as when the release creates a new Keras optimizer and schedule each epoch. Two
     updates per batch then count two schedule steps within the epoch.
     """
-    if not _field(config, "optim", "reset_every_epoch", False):
+    if not field(config, "optim", "reset_every_epoch", False):
         return None
 
     def reset(state):
@@ -214,6 +161,6 @@ def evaluate(
 def validation_batch_size(config: Any) -> int:
     """Validation batches: the training batch size for ``selection.loss="last_batch"`` (as in
     the release, so "the last batch" is its last batch), else ``eval_batch_size``."""
-    if _field(config, "selection", "loss", "full") == "last_batch":
+    if field(config, "selection", "loss", "full") == "last_batch":
         return int(config.batch_size)
     return int(config.eval_batch_size)

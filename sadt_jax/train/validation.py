@@ -23,7 +23,10 @@ from sadt_jax import io, models
 from sadt_jax.algorithm.config import sadt_field_errors
 from sadt_jax.algorithm.methods import ADAM_EPS_PLACEMENTS, METHODS, OPTIMIZERS
 from sadt_jax.algorithm.perturbation import param_paths
-from sadt_jax.train import builders, steps
+from sadt_jax.data import release_order
+from sadt_jax.data.augment import CUTMIX_BOXES
+from sadt_jax.data.sources import NORMALIZATIONS
+from sadt_jax.train import builders, protocol, steps
 from sadt_jax.train.workdir import has_checkpoint
 
 __all__ = [
@@ -153,9 +156,33 @@ def validate_config(config: Any) -> None:
                 f"(batch_size {config.batch_size} / {n_dev} devices); "
                 f"pick a divisor of {per_device}"
             )
+    errors += _protocol_errors(config)
     errors = [e for e in errors if e]
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _protocol_errors(config: Any) -> list[str]:
+    """Problems of the training protocol's fields (``apply_release`` sets them to the release's)."""
+    errors = []
+    for section, name, valid, default in (
+        ("data", "normalization", NORMALIZATIONS, "standardize"),
+        ("data", "order", release_order.ORDERS, "permutation"),
+        ("data", "cutmix_partner", protocol.CUTMIX_PARTNERS, "batch"),
+        ("data", "cutmix_box", CUTMIX_BOXES, "reference"),
+        ("selection", "loss", protocol.SELECTION_LOSSES, "full"),
+    ):
+        value = protocol.field(config, section, name, default)
+        if value not in valid:
+            errors.append(
+                f"{section}.{name}={value!r} is not valid; choose one of: {', '.join(valid)}"
+            )
+    integers = (("data", "shuffle_buffer", 1024), ("selection", "first_epoch", 1))
+    for section, name, default in integers:
+        value = protocol.field(config, section, name, default)
+        if not isinstance(value, int) or value < 1:
+            errors.append(f"{section}.{name}={value!r} is out of range: it must be an integer >= 1")
+    return errors
 
 
 def _run_range_errors(config: Any) -> list[str]:
@@ -187,14 +214,31 @@ def _run_range_errors(config: Any) -> list[str]:
     return errors
 
 
-def validate_against_data(config: Any, num_train: int, sadt_config: Any) -> None:
-    """Checks that need the training-set size."""
-    del sadt_config
+def validate_against_data(config: Any, num_train: int) -> None:
+    """Checks that need the training-set size: the batch fits, and a kept partial last
+    batch (``data.drop_remainder=False``) can be sharded over all devices and processes."""
     if config.batch_size > num_train:
         raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {num_train} training examples; "
             "lower batch_size or raise data.max_train_examples"
         )
+    drop_remainder = protocol.field(config, "data", "drop_remainder", True)
+    try:
+        release_order.check_partial_batch(
+            num_train, config.batch_size, jax.device_count(), drop_remainder=drop_remainder
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    m = config.sadt.get("m_sharpness")
+    remainder = num_train % config.batch_size
+    if m and remainder and not drop_remainder:
+        per_device = remainder // jax.device_count()
+        if per_device % m:
+            raise ConfigError(
+                f"sadt.m_sharpness={m} does not divide the partial last batch's {per_device} "
+                f"examples per device ({num_train} mod batch_size={config.batch_size}); set "
+                "data.drop_remainder=True or pick a batch size whose remainder splits into groups"
+            )
 
 
 def validate_against_model(
