@@ -504,6 +504,8 @@ def _train_epoch(ctx: _Context, progress: Progress, epoch: int) -> None:
     start = progress.step - epoch * spe
     stop = min(spe, run.total_steps - epoch * spe)
     t_epoch = time.time()
+    if int(jax.device_get(progress.state.step)) != progress.step:  # the plan's row is state.step
+        raise RuntimeError(f"state.step is not the loop's step {progress.step}")
     plans = _place_epoch_plan(run, epoch)
     data_time = time.time() - t_epoch
     for s in range(start, stop):
