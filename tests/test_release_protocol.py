@@ -29,7 +29,7 @@ from configs import cifar10, cifar100, common, fashion_mnist
 from sadt_jax import models
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.data import augment, pipeline, release_order
-from sadt_jax.train import protocol, steps, validation
+from sadt_jax.train import loop, protocol, steps, validation
 from sadt_jax.train.selection import Selection, select_epoch
 from sadt_jax.train.validation import ConfigError
 
@@ -496,21 +496,19 @@ def test_release_protocol_mock_cifar10_end_to_end(tmp_path, monkeypatch, compila
     assert any(0 < a < 1 for a in accuracies)
 
     # Preempt in the middle of epoch 3 (after its 2nd step), then resume.
-    calls = {"n": 0}
-    real = protocol.local_batch
+    real = loop._Preemption.stop_at
 
-    def local_batch(ds, step_plan):
-        calls["n"] += 1
-        if calls["n"] == 10:
+    def stop_at(self, step):  # polled before every step
+        if step == 10:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(ds, step_plan)
+        return real(self, step)
 
-    monkeypatch.setattr(protocol, "local_batch", local_batch)
+    monkeypatch.setattr(loop._Preemption, "stop_at", stop_at)
     resumed = tmp_path / "resumed"
     with tfds.testing.mock_data(num_examples=100):
         with pytest.raises(Preempted, match="epoch 3"):
             train_and_evaluate(config, str(resumed))
-        monkeypatch.setattr(protocol, "local_batch", real)
+        monkeypatch.setattr(loop._Preemption, "stop_at", real)
         second = train_and_evaluate(config, str(resumed))
     assert [json.loads(x) for x in open(resumed / "metrics.jsonl")] == rows
     for a, b in zip(_params(tmp_path / "straight"), _params(resumed), strict=True):

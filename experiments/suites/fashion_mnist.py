@@ -11,8 +11,8 @@ from experiments.suites.cells import (
     CONTROL_METHODS,
     PAPER_METHODS,
     Cell,
-    train_cell,
     fmt_number,
+    train_cell,
 )
 
 # ---- Suite 2: Fashion-MNIST, 9 methods x 3 seeds on 2 CPU cores -------------------------

@@ -12,8 +12,8 @@ from experiments.suites.fashion_mnist import (
     FM_EPOCHS,
     FM_METHODS,
     FM_TRAIN_EXAMPLES,
-    fashion_mnist_method_cell,
     fashion_mnist_cells,
+    fashion_mnist_method_cell,
 )
 
 # ---- Suite 7: ablations of SADT-T1, 10 seeds ------------------------------------------------

@@ -12,6 +12,11 @@ a mesh whose devices are ordered by process.
 Evaluation batches pad the last global batch with zeros and ``mask=False`` instead of dropping
 it, so every example is evaluated exactly once and all processes run the same number of steps
 with arrays of the same shape (no recompilation, no collective deadlock).
+
+Training does not gather batches on the host: :func:`plan_blocks` stacks an epoch's index
+plan into arrays that the loop uploads once per epoch, and the jitted step gathers each
+batch from the training set held on the devices (see :mod:`sadt_jax.train.steps`).
+:func:`train_batches` is the host-side equivalent, kept for tests and tools.
 """
 
 from __future__ import annotations
@@ -188,3 +193,33 @@ def eval_batches(
             label[:valid] = labels[start:stop]
             mask[:valid] = True
         yield {"image": image, "label": label, "mask": mask}
+
+
+def plan_blocks(step_plans: list[dict[str, np.ndarray]]) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """An epoch's plan stacked into blocks of equal batch size, to upload at once.
+
+    An epoch's plan is one dict of index arrays per step (``{"index": (b,), ...}``, see
+    :func:`sadt_jax.data.release_order.epoch_batches`). It is stacked into rectangular
+    ``(steps, b)`` arrays; a kept partial last batch has another size, so it starts a block of
+    its own. The whole epoch is stacked even when a resumed run starts within it, so every
+    epoch's blocks have the same shapes (one compilation of the step that reads them).
+
+    Args:
+      step_plans: the epoch's per-step index dicts, all with the same keys.
+
+    Returns:
+      ``[(first_step, block), ...]`` in step order: ``block[key]`` is ``int32``
+      ``(num_steps, b)`` and holds steps ``first_step ...`` of ``step_plans``.
+    """
+    blocks: list[tuple[int, dict[str, np.ndarray]]] = []
+    first = 0
+    for s in range(1, len(step_plans) + 1):
+        size = None if s == len(step_plans) else step_plans[s]["index"].shape[0]
+        if size != step_plans[first]["index"].shape[0]:
+            block = {
+                k: np.stack([p[k] for p in step_plans[first:s]]).astype(np.int32)
+                for k in step_plans[first]
+            }
+            blocks.append((first, block))
+            first = s
+    return blocks

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -199,6 +200,47 @@ class Run:
         """Sharding of a global batch: split over the ``data`` axis."""
         return NamedSharding(self.mesh, P("data"))
 
+    @property
+    def plan_sharding(self) -> NamedSharding:
+        """Sharding of an epoch's index plan ``(steps, b)``: split on the batch dimension."""
+        return NamedSharding(self.mesh, P(None, "data"))
+
+    def place_train_data(self) -> dict[str, jax.Array]:
+        """The training images and labels on every device of the mesh (once per run).
+
+        Every process already holds the whole training set in memory; each device gets a
+        full copy (uint8 images: 47 MB for Fashion-MNIST, 150 MB for CIFAR), from which the
+        train step gathers its batches (:func:`sadt_jax.train.steps.gather_batch`).
+
+        Returns:
+          ``{"image": (N, H, W, C) uint8, "label": (N,)}``, replicated.
+        """
+        ds = self.dataset
+        return {
+            "image": _replicate(ds.train_images, self.replicated),
+            "label": _replicate(ds.train_labels, self.replicated),
+        }
+
+    def place_plan(self, first_step: int, block: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One block of an epoch's index plan on the devices (once per epoch).
+
+        Args:
+          first_step: the global step (``state.step``) of the block's first row.
+          block: this process's share ``{"index": (steps, b), ...}`` of the block
+            (:func:`sadt_jax.data.pipeline.plan_blocks`); the processes' shares, in process
+            order, make the global plan, as their local batches make a global batch.
+
+        Returns:
+          The block's arrays, sharded over the ``data`` axis on their batch dimension, and
+          ``"first_step"``, an ``int32`` scalar replicated.
+        """
+        placed = {
+            k: jax.make_array_from_process_local_data(self.plan_sharding, v)
+            for k, v in block.items()
+        }
+        placed["first_step"] = _replicate(np.asarray(first_step, np.int32), self.replicated)
+        return placed
+
     def _init_state(self) -> TrainState:
         return init_state(
             self.config, self.model, self.dataset.image_shape, self.tx, self.sadt_config
@@ -224,6 +266,11 @@ class Run:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
             jax.eval_shape(tree),
         )
+
+
+def _replicate(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A full copy of a host array (the same in every process) on every device of ``sharding``."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def load_run_dataset(config: Any) -> Dataset:

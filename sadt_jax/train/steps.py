@@ -5,6 +5,13 @@ processing (crop+flip, normalization, one-hot, CutMix) and running sums of the
 step's metrics, so the loop never synchronises with the host between logging
 intervals. Augmentation randomness is ``fold_in(aug_key, step)``: a resumed
 run draws the same augmentations.
+
+``make_gather_train_step`` is the step the loop runs: it also gathers the batch on the
+device, from the training set uploaded once per run (replicated) and the epoch's index plan
+uploaded once per epoch (sharded over the ``data`` axis like a batch), at the row
+``state.step - plan["first_step"]``. The loop then does no per-step host work at all: no
+indexing, no copy, not even a step number to transfer. The gathered batch is bit for bit the
+host-gathered one, sharded the same way, so both steps train identically.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from sadt_jax.algorithm.state import TrainState
 from sadt_jax.algorithm.step import SADTConfig, sadt_update
 from sadt_jax.data import augment
 
-__all__ = ["AUGMENTS", "eval_sums", "init_metric_sums", "make_train_step", "preprocess"]
+__all__ = [
+    "AUGMENTS",
+    "eval_sums",
+    "gather_batch",
+    "init_metric_sums",
+    "make_gather_train_step",
+    "make_train_step",
+    "preprocess",
+]
 
 AUGMENTS = ("none", "cutmix", "crop_flip", "crop_flip_cutmix")
 METRIC_KEYS = (
@@ -114,6 +129,86 @@ def make_train_step(
     """
     fn = functools.partial(
         _train_step, sadt_config=sadt_config, aug_key=aug_key, preprocess_kwargs=preprocess_kwargs
+    )
+    out = None if state_sharding is None else (state_sharding, state_sharding)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
+
+
+def gather_batch(
+    data: dict[str, jax.Array],
+    plan: dict[str, jax.Array],
+    position: jax.Array,
+    batch_sharding: Any = None,
+) -> dict[str, jax.Array]:
+    """The batch of one step, gathered on the device from the training set and a plan.
+
+    Args:
+      data: ``{"image": (N, H, W, C) uint8, "label": (N,)}``, the whole training set
+        (replicated over the mesh).
+      plan: ``{"index": (steps, b), "partner": (steps, b)}`` (``"partner"`` only with CutMix
+        partners from a stream) ``int32`` example indices, one row per step (sharded over the
+        ``data`` axis on the batch dimension); other keys are ignored.
+      position: the row of ``plan`` to gather (an ``int32`` scalar; must lie in the plan).
+      batch_sharding: the sharding of a global batch; the gathered arrays are constrained to it.
+
+    Returns:
+      ``{"image", "label"}`` (plus ``"partner_image"``, ``"partner_label"``) as
+      :func:`sadt_jax.train.protocol.local_batch` builds them on the host.
+    """
+
+    def rows(key: str) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(plan[key], position, axis=0, keepdims=False)
+
+    idx = rows("index")
+    batch = {"image": data["image"][idx], "label": data["label"][idx]}
+    if "partner" in plan:
+        partner = rows("partner")
+        batch["partner_image"] = data["image"][partner]
+        batch["partner_label"] = data["label"][partner]
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
+
+
+def _gather_train_step(state, sums, data, plan, *, batch_sharding, **step_kwargs):
+    batch = gather_batch(data, plan, state.step - plan["first_step"], batch_sharding)
+    return _train_step(state, sums, batch, **step_kwargs)
+
+
+def make_gather_train_step(
+    sadt_config: SADTConfig,
+    *,
+    aug_key: jax.Array,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+    **preprocess_kwargs: Any,
+):
+    """A jitted ``(state, sums, data, plan) -> (state, sums)`` that gathers its own batch.
+
+    The step trains on row ``state.step - plan["first_step"]`` of ``plan`` (see
+    :func:`gather_batch`), so the caller passes the same device arrays at every step of a
+    block of the plan and ``state.step`` selects the batch. Otherwise it is
+    :func:`make_train_step`'s step: the same preprocessing, update and metric sums, with state
+    and sums donated (``data`` and ``plan`` are not).
+
+    Args:
+      sadt_config: the step's :class:`SADTConfig`.
+      aug_key: base key of the augmentation stream.
+      state_sharding: sharding of the output state and sums (replicated on a mesh).
+      batch_sharding: sharding of a global batch (split over the ``data`` axis).
+      **preprocess_kwargs: see :func:`make_train_step`.
+
+    Returns:
+      The jitted step. ``plan`` holds ``"index"`` (and ``"partner"``) ``(steps, b)`` and
+      ``"first_step"``, the value of ``state.step`` at the plan's first row (an ``int32``
+      scalar on the devices).
+    """
+    fn = functools.partial(
+        _gather_train_step,
+        batch_sharding=batch_sharding,
+        sadt_config=sadt_config,
+        aug_key=aug_key,
+        preprocess_kwargs=preprocess_kwargs,
     )
     out = None if state_sharding is None else (state_sharding, state_sharding)
     return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
