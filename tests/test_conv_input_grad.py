@@ -143,7 +143,7 @@ def test_gemm_conv_module_and_auto():
     assert isinstance(layer, _layers.GemmConv)
     auto = type(_layers.conv(5, 3, dtype=jnp.float32))
     assert auto is (_layers.GemmConv if jax.default_backend() == "cpu" else nn.Conv)
-    x = _rand((2, 6, 6, 3), 0)
+    x = _rand((2, 6, 6, 8), 0)  # GEMM depth 3 * 3 * 8 = 72 >= GEMM_MIN_DEPTH
     ref = nn.Conv(5, (3, 3), use_bias=True)
     fast = _layers.GemmConv(5, (3, 3), use_bias=True)
     variables = jax.jit(ref.init)(jax.random.key(0), x)
@@ -157,8 +157,15 @@ def test_gemm_conv_module_and_auto():
         _close(a, b, 2e-6)
     jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     assert "custom_jvp_call" in jaxpr and "conv_general_dilated" not in jaxpr
+    # A shallow GEMM (3 * 3 * 3 = 27): the forward value is XLA's convolution.
+    shallow = str(
+        jax.make_jaxpr(lambda x: fast.apply(jax.jit(fast.init)(jax.random.key(0), x), x))(
+            x[..., :3]
+        )
+    )
+    assert "custom_jvp_call" in shallow and "conv_general_dilated" in shallow
     with pytest.raises(ValueError, match="input_grad"):
-        _layers.conv2d_matmul(x, jnp.zeros((3, 3, 3, 5)), input_grad="fast")
+        _layers.conv2d_matmul(x, jnp.zeros((3, 3, 8, 5)), input_grad="fast")
 
 
 def test_release_simple_cnn_gemm_matches_xla():
