@@ -531,6 +531,7 @@ def _meta(args, argv, peak_source) -> dict[str, Any]:
             "dtype": args.dtype,
             "conv_impl": args.conv_impl,
             "pool_impl": args.pool_impl,
+            "keep_freed_memory": args.keep_freed_memory and __name__ == "__main__",
             "model_kwargs": args.model_kwargs,
             "steps": args.steps,
             "warmup": args.warmup,
@@ -816,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
         return results
-    if args.keep_freed_memory:
+    if args.keep_freed_memory and __name__ == "__main__":  # a program, not imported (tests)
         from sadt_jax.main import keep_freed_memory
 
         keep_freed_memory()
