@@ -69,13 +69,13 @@ POOL_IMPLS = ("auto", "xla", "reshape")
 #: gradient: small enough to stay in cache. Chunks of 0.1-2 MiB were fastest for every
 #: layer measured (results/conv_cpu.md); whole-batch patches are up to 2x slower.
 CONV_CHUNK_BYTES = 2**20
-#: ``forward='auto'`` computes the value by GEMMs only when the GEMM's depth
-#: ``kh*kw*in_features`` is at least this: XLA's forward convolution was 1.1-2x faster for
-#: the 3x3 1->64 first layer (depth 9), the GEMMs up to 1.9x faster at depth 576.
-GEMM_MIN_DEPTH = 64
 #: The same for the forward value and the input gradient (``conv_impl='gemm'``), whose
 #: patches are laid out ``(pixels, kh*kw*C)``: 4 MiB chunks were fastest (results/conv_cpu.md).
 GEMM_CHUNK_BYTES = 4 * 2**20
+#: ``forward='auto'`` computes the value by GEMMs only when the GEMM's depth
+#: ``kh*kw*in_features`` is at least this: XLA's forward convolution was 1.1-1.9x faster for
+#: the 3x3 1->64 first layer (depth 9), the GEMMs up to 1.9x faster at depth 576.
+GEMM_MIN_DEPTH = 64
 
 _NHWC_SPEC = ("NHWC", "HWIO", "NHWC")
 
@@ -239,7 +239,7 @@ def _conv2d_matmul_jvp(strides, pads, precision, gemm, primals, tangents):
     has_x, has_kernel = (not isinstance(t, SymbolicZero) for t in (x_dot, kernel_dot))
     terms, chunked = [], []
     if has_x and gemm[1]:
-        # Transposes to dy @ W^T GEMMs and a col2im, in the same loop as the kernel part.
+        # Transposes to chunked dy @ W^T GEMMs, each followed by a col2im.
         chunked.append((x_dot, kernel, False, x_dot.dtype))
     elif has_x:
         # Transposes to XLA's input-gradient convolution.
