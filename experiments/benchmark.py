@@ -111,9 +111,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument(
         "--conv_impl",
-        choices=("auto", "xla", "matmul"),
+        choices=("auto", "xla", "matmul", "gemm"),
         default="auto",
-        help="Model conv_impl ('auto': matmul kernel gradient on CPU, XLA's elsewhere).",
+        help="Model conv_impl ('auto': 'gemm' on CPU, XLA's elsewhere; 'matmul': only the "
+        "kernel gradient by GEMMs).",
     )
     p.add_argument(
         "--pool_impl",
@@ -125,6 +126,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model_kwargs",
         default="{}",
         help='Extra model attributes as JSON, e.g. \'{"depth": 10, "widen_factor": 1}\'.',
+    )
+    p.add_argument(
+        "--keep_freed_memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc keeps freed memory for reuse (sadt_jax.main.keep_freed_memory, as "
+        "the training entry point does); --no-keep_freed_memory for the glibc default.",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Write the results as JSON to this path.")
@@ -523,6 +531,7 @@ def _meta(args, argv, peak_source) -> dict[str, Any]:
             "dtype": args.dtype,
             "conv_impl": args.conv_impl,
             "pool_impl": args.pool_impl,
+            "keep_freed_memory": args.keep_freed_memory and __name__ == "__main__",
             "model_kwargs": args.model_kwargs,
             "steps": args.steps,
             "warmup": args.warmup,
@@ -709,6 +718,7 @@ def compare_keras(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
         "--methods=base,sadt_t1",
         f"--conv_impl={args.conv_impl}",
         f"--pool_impl={args.pool_impl}",
+        "--keep_freed_memory" if args.keep_freed_memory else "--no-keep_freed_memory",
         *common,
     ]
     keras_cmd = [sys.executable, os.path.join(_REPO, "experiments", "keras_anchor.py"), *common]
@@ -807,6 +817,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
         return results
+    if args.keep_freed_memory and __name__ == "__main__":  # a program, not imported (tests)
+        from sadt_jax.main import keep_freed_memory
+
+        keep_freed_memory()
     load_start = os.getloadavg()
     results = run(args, argv)
     results["_meta"]["loadavg_start"] = load_start

@@ -122,7 +122,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         (``simple_cnn``), ``residual_scale`` (``inception_resnet``), ``shortcut``
         (``resnet56``, ``resnet18``), ``tied_kernel_init``
         (``release_inception_resnet``); ``conv_impl`` (every model: ``'auto'``,
-        ``'xla'`` or ``'matmul'``) and ``pool_impl`` (``simple_cnn``, ``vgg16_bn`` and
+        ``'xla'``, ``'matmul'`` or ``'gemm'``) and ``pool_impl`` (``simple_cnn``, ``vgg16_bn`` and
         the release models except ``release_resnet``: ``'auto'``, ``'xla'`` or
         ``'reshape'``) choose CPU-friendly backward passes (``'auto'``: on the CPU
         backend only; same values, see ``_layers``). The ResNets take no

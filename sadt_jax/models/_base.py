@@ -28,8 +28,8 @@ class LayerSettings(nn.Module):
     Attributes:
       dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters are float32.
       bn_axis_name: optional ``pmap`` axis over which BatchNorm statistics are averaged.
-      conv_impl: convolution implementation: ``'auto'`` (default: ``'matmul'`` on CPU,
-        ``'xla'`` elsewhere), ``'xla'`` or ``'matmul'`` (see ``_layers.conv``).
+      conv_impl: convolution implementation: ``'auto'`` (default: ``'gemm'`` on CPU,
+        ``'xla'`` elsewhere), ``'xla'``, ``'matmul'`` or ``'gemm'`` (see ``_layers.conv``).
     """
 
     _: dataclasses.KW_ONLY

@@ -13,11 +13,12 @@ that initialisers, dtypes and BatchNorm settings are the same everywhere:
   ``epsilon=1e-3``), batch statistics in training mode and the running averages
   (collection ``batch_stats``) otherwise;
 * convolutions take ``impl`` (the models' ``conv_impl``) and 2x2 max-pooling takes
-  ``impl`` (``pool_impl``): ``'auto'`` (default) picks implementations whose backward
-  pass is fast on XLA:CPU (:class:`MatmulConv`, a reshape-based pool) when
-  ``jax.default_backend() == 'cpu'`` and XLA's own elsewhere; ``'xla'`` forces
-  ``nn.Conv`` / ``nn.max_pool``. Forward values are identical; gradients agree to float
-  round-off (the conv kernel gradient sums in a different order) or exactly (pooling).
+  ``impl`` (``pool_impl``): ``'auto'`` (default) picks implementations that are fast on
+  XLA:CPU (:class:`GemmConv`: forward, input and kernel gradient as chunked im2col
+  GEMMs; a reshape-based pool) when ``jax.default_backend() == 'cpu'`` and XLA's own
+  elsewhere; ``'matmul'`` (:class:`MatmulConv`) replaces only the conv kernel gradient;
+  ``'xla'`` forces ``nn.Conv`` / ``nn.max_pool``. Values and gradients agree with XLA's
+  to float round-off (sums in a different order) or exactly (pooling).
   See ``results/conv_cpu.md``.
 """
 
@@ -53,9 +54,14 @@ BN_EPSILON = 1e-3
 # ``reduce_window`` max (``select_and_scatter``) is slow as well. ``conv_impl='matmul'``
 # and ``pool_impl='reshape'`` replace only those backward computations; forward values
 # are computed by the same XLA operations as ``nn.Conv`` / ``nn.max_pool``.
+# ``conv_impl='gemm'`` computes the forward value and the input gradient by chunked
+# im2col GEMMs too (XLA:CPU's convolutions on these small-channel shapes ran at half the
+# GEMM's speed).
 
-#: ``impl`` values accepted by :func:`conv` (``'auto'``: ``'matmul'`` on CPU, else ``'xla'``).
-CONV_IMPLS = ("auto", "xla", "matmul")
+#: ``impl`` values accepted by :func:`conv` (``'auto'``: ``'gemm'`` on CPU, else ``'xla'``).
+CONV_IMPLS = ("auto", "xla", "matmul", "gemm")
+#: What ``'auto'`` means on the CPU backend (results/conv_cpu.md).
+CPU_CONV_IMPL = "gemm"
 #: ``impl`` values accepted by :func:`max_pool_2x2` (``'auto'``: ``'reshape'`` on CPU).
 POOL_IMPLS = ("auto", "xla", "reshape")
 
@@ -63,6 +69,13 @@ POOL_IMPLS = ("auto", "xla", "reshape")
 #: gradient: small enough to stay in cache. Chunks of 0.1-2 MiB were fastest for every
 #: layer measured (results/conv_cpu.md); whole-batch patches are up to 2x slower.
 CONV_CHUNK_BYTES = 2**20
+#: The same for the forward value and the input gradient (``conv_impl='gemm'``), whose
+#: patches are laid out ``(pixels, kh*kw*C)``: 4 MiB chunks were fastest (results/conv_cpu.md).
+GEMM_CHUNK_BYTES = 4 * 2**20
+#: ``forward='auto'`` computes the value by GEMMs only when the GEMM's depth
+#: ``kh*kw*in_features`` is at least this: XLA's forward convolution was 1.1-1.9x faster for
+#: the 3x3 1->64 first layer (depth 9), the GEMMs up to 1.9x faster at depth 576.
+GEMM_MIN_DEPTH = 64
 
 _NHWC_SPEC = ("NHWC", "HWIO", "NHWC")
 
@@ -110,78 +123,138 @@ def _patches_t(x, kernel_hw, strides, pads, out_hw):
     return jnp.stack(cols, 0).reshape(kh * kw * c, b * ho * wo)
 
 
-def _chunk_size(batch: int, bytes_per_image: int) -> int:
-    """Images per chunk: about CONV_CHUNK_BYTES of patches, a divisor of the batch if possible.
+def _patches(x, kernel_hw, strides, pads, out_hw):
+    """im2col: ``(b*Ho*Wo, kh*kw*C)``, columns ordered (i, j, c) like HWIO."""
+    b, _, _, c = x.shape
+    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    cols = [
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(cols, axis=-1).reshape(b * ho * wo, kh * kw * c)
+
+
+def _chunk_size(batch: int, bytes_per_image: int, target_bytes: int | None = None) -> int:
+    """Images per chunk: about ``target_bytes`` (default :data:`CONV_CHUNK_BYTES`) of
+    patches, a divisor of the batch if possible.
 
     A remainder chunk costs far more than its size (the batch is sliced and copied), so
     the largest divisor of ``batch`` not above the target is used unless it is below half
     the target (e.g. a prime batch size).
     """
-    target = int(max(1, min(batch, CONV_CHUNK_BYTES // max(bytes_per_image, 1))))
+    target_bytes = CONV_CHUNK_BYTES if target_bytes is None else target_bytes
+    target = int(max(1, min(batch, target_bytes // max(bytes_per_image, 1))))
     size = max(d for d in range(1, target + 1) if batch % d == 0)
     return size if 2 * size >= target else target
 
 
-def _conv_linear_in_kernel(x, kernel, strides, pads, precision):
-    """``conv(x, kernel)`` as batch-chunked im2col matmuls (linear in ``kernel``).
+def _conv_chunked(terms, strides, pads, precision, chunk_bytes):
+    """``sum_i conv(x_i, kernel_i)`` as batch-chunked im2col matmuls (bilinear in each pair).
 
-    Used only for the kernel tangent in :func:`conv2d_matmul`'s JVP: JAX transposes it
-    into ``dW = sum over chunks of patches(x_chunk) @ dy_chunk``, one GEMM per chunk of
-    about :data:`CONV_CHUNK_BYTES` of patches, accumulated in (at least) float32.
-    ``jax.checkpoint`` keeps the patches out of the residuals (they are rebuilt per chunk
-    in the backward pass).
+    Every term is ``(x, kernel, kernel_grad_layout, operands)``, all ``x`` of one shape
+    ``(batch, height, width, in_features)``, all kernels ``(kh, kw, in_features,
+    out_features)``. One loop over batch chunks of about ``chunk_bytes`` of patches per
+    term does one ``(n, kh*kw*C) @ (kh*kw*C, D)`` GEMM per term, accumulated in (at least)
+    float32; ``jax.checkpoint`` keeps the patches out of the residuals (they are rebuilt
+    per chunk in the backward pass). Being linear in each argument, JAX transposes it into
+    chunked GEMMs in the same single loop: with respect to ``kernel``,
+    ``dW = sum over chunks of patches(x_chunk)^T @ dy_chunk``; with respect to ``x``,
+    ``dpatches = dy_chunk @ W^T`` followed by the col2im sum of shifted slices.
+
+    ``kernel_grad_layout`` picks the patches' layout: True (for terms differentiated only
+    in the kernel): ``(kh*kw*C, pixels)`` built along a major axis, fastest for the
+    transposed GEMM ``patches^T @ dy``; False: ``(pixels, kh*kw*C)``, fastest for
+    ``patches @ W`` and its transpose ``dy @ W^T`` (measured, results/conv_cpu.md).
+    ``operands`` is the dtype of the GEMM operands (``None``: the accumulation dtype, so
+    bfloat16 products are exact as well).
+
+    Returns:
+      The sum in the first kernel's dtype.
     """
-    batch, height, width, cin = x.shape
-    kh, kw, _, cout = kernel.shape
+    batch, height, width, cin = terms[0][0].shape
+    kh, kw, _, cout = terms[0][1].shape
     (lo_h, hi_h), (lo_w, hi_w) = pads
     ho = (height + lo_h + hi_h - kh) // strides[0] + 1
     wo = (width + lo_w + hi_w - kw) // strides[1] + 1
-    acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-    km = kernel.reshape(kh * kw * cin, cout).astype(acc_dtype)
+    out_dtype = terms[0][1].dtype
+    acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
+    xs = [x for x, *_ in terms]
+    kms, layouts, dtypes = [], [], []
+    for _, kernel, kernel_grad_layout, operands in terms:
+        dtypes.append(acc_dtype if operands is None else operands)
+        kms.append(kernel.reshape(kh * kw * cin, cout).astype(dtypes[-1]))
+        layouts.append(kernel_grad_layout)
 
     @jax.checkpoint
-    def chunk(xc, km):
-        pt = _patches_t(xc.astype(acc_dtype), (kh, kw), strides, pads, (ho, wo))
-        y = jnp.matmul(pt.T, km, precision=precision)
-        return y.reshape(xc.shape[0], ho, wo, cout)
+    def chunk(xcs, kms):
+        y = 0
+        for xc, km, transposed, dtype in zip(xcs, kms, layouts, dtypes, strict=True):
+            if transposed:
+                p = _patches_t(xc.astype(dtype), (kh, kw), strides, pads, (ho, wo)).T
+            else:
+                p = _patches(xc.astype(dtype), (kh, kw), strides, pads, (ho, wo))
+            y = y + jnp.matmul(p, km, precision=precision, preferred_element_type=acc_dtype)
+        return y.reshape(xcs[0].shape[0], ho, wo, cout)
 
-    size = _chunk_size(batch, ho * wo * kh * kw * cin * jnp.dtype(acc_dtype).itemsize)
+    itemsize = max(jnp.dtype(d).itemsize for d in dtypes)
+    size = _chunk_size(batch, ho * wo * kh * kw * cin * itemsize, chunk_bytes)
     n_full, rest = divmod(batch, size)
     parts = []
     if n_full == 1:
-        parts.append(chunk(x[:size], km))
+        parts.append(chunk([x[:size] for x in xs], kms))
     elif n_full > 1:
-        xs = x[: n_full * size].reshape(n_full, size, height, width, cin)
-        ys = lax.map(lambda xc: chunk(xc, km), xs)
+        stacked = [x[: n_full * size].reshape(n_full, size, height, width, cin) for x in xs]
+        ys = lax.map(lambda xcs: chunk(xcs, kms), stacked)
         parts.append(ys.reshape(n_full * size, ho, wo, cout))
     if rest:
-        parts.append(chunk(x[n_full * size :], km))
+        parts.append(chunk([x[n_full * size :] for x in xs], kms))
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return y.astype(kernel.dtype)
+    return y.astype(out_dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv2d_matmul(x, kernel, strides, pads, precision):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _conv2d_matmul(x, kernel, strides, pads, precision, gemm):
+    # gemm: (forward, input gradient) computed by chunked GEMMs instead of XLA's conv.
+    if gemm[0]:
+        return _conv_chunked(
+            [(x, kernel, False, x.dtype)], strides, pads, precision, GEMM_CHUNK_BYTES
+        )
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=_NHWC_SPEC, precision=precision
     )
 
 
 @functools.partial(_conv2d_matmul.defjvp, symbolic_zeros=True)
-def _conv2d_matmul_jvp(strides, pads, precision, primals, tangents):
+def _conv2d_matmul_jvp(strides, pads, precision, gemm, primals, tangents):
     x, kernel = primals
     x_dot, kernel_dot = tangents
-    y = _conv2d_matmul(x, kernel, strides, pads, precision)
-    terms = []
-    if not isinstance(x_dot, SymbolicZero):
-        # Linear in x_dot: transposes to XLA's (fast) input-gradient convolution.
+    y = _conv2d_matmul(x, kernel, strides, pads, precision, gemm)
+    has_x, has_kernel = (not isinstance(t, SymbolicZero) for t in (x_dot, kernel_dot))
+    terms, chunked = [], []
+    if has_x and gemm[1]:
+        # Transposes to chunked dy @ W^T GEMMs, each followed by a col2im.
+        chunked.append((x_dot, kernel, False, x_dot.dtype))
+    elif has_x:
+        # Transposes to XLA's input-gradient convolution.
         terms.append(
             lax.conv_general_dilated(
                 x_dot, kernel, strides, pads, dimension_numbers=_NHWC_SPEC, precision=precision
             )
         )
-    if not isinstance(kernel_dot, SymbolicZero):
-        terms.append(_conv_linear_in_kernel(x, kernel_dot, strides, pads, precision))
+    if has_kernel:
+        # Transposes to dW = sum over chunks of patches(x)^T @ dy.
+        chunked.append((x, kernel_dot, True, None))
+    # One loop per term: merging both into one loop over chunks measured no faster.
+    for term in chunked:
+        chunk_bytes = CONV_CHUNK_BYTES if term[2] else GEMM_CHUNK_BYTES
+        terms.append(_conv_chunked([term], strides, pads, precision, chunk_bytes))
     if not terms:
         return y, jnp.zeros_like(y)
     return y, functools.reduce(jnp.add, terms)
@@ -193,17 +266,23 @@ def conv2d_matmul(
     strides: Sequence[int] = (1, 1),
     padding: Any = "SAME",
     precision: Any = None,
+    *,
+    forward: str = "xla",
+    input_grad: str = "xla",
 ) -> jnp.ndarray:
     """2D NHWC/HWIO convolution whose kernel gradient is computed by matmuls.
 
     The value is ``lax.conv_general_dilated(x, kernel, strides, padding,
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))``, computed by that very operation. The
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))``, computed by that very operation
+    (``forward='xla'``) or by batch-chunked im2col GEMMs (``forward='gemm'``). The
     derivative is defined by a ``jax.custom_jvp`` (so reverse mode, forward mode and
     forward-over-reverse Hessian-vector products all work): the input part is XLA's own
     convolution JVP, the kernel part is an im2col matmul over batch chunks that JAX
     transposes, in reverse mode, into ``dW[i, j] = sum_b,h,w x_pad[b, h*s+i, w*s+j, :]^T
     dy[b, h, w, :]``: one ``(kh*kw*C, n) @ (n, D)`` GEMM per chunk instead of XLA:CPU's
-    slow whole-feature-map convolution.
+    slow whole-feature-map convolution. With ``input_grad='gemm'`` the input part is
+    written as chunked im2col GEMMs as well, which JAX transposes into ``dy_chunk @ W^T``
+    GEMMs plus a col2im sum of shifted slices instead of XLA's input-gradient convolution.
 
     Args:
       x: ``(batch, height, width, in_features)``.
@@ -212,6 +291,9 @@ def conv2d_matmul(
       padding: ``'SAME'``, ``'VALID'`` or a sequence of two non-negative (low, high)
         pairs.
       precision: ``lax.Precision`` for the convolution and the matmuls.
+      forward: ``'xla'``, ``'gemm'`` or ``'auto'`` (``'gemm'`` when ``kh*kw*in_features
+        >= GEMM_MIN_DEPTH``, else ``'xla'``): how the value is computed.
+      input_grad: ``'xla'`` or ``'gemm'``: how the input tangent / gradient is computed.
 
     Returns:
       ``(batch, out_height, out_width, out_features)`` in ``x.dtype``.
@@ -234,7 +316,16 @@ def conv2d_matmul(
     pads = _conv_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     if isinstance(precision, list):
         precision = tuple(precision)
-    return _conv2d_matmul(x, kernel, strides, pads, precision)
+    if forward not in ("xla", "gemm", "auto") or input_grad not in ("xla", "gemm"):
+        raise ValueError(
+            f"forward must be 'xla', 'gemm' or 'auto' and input_grad 'xla' or 'gemm', got "
+            f"{forward!r}, {input_grad!r}"
+        )
+    if forward == "auto":
+        depth = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+        forward = "gemm" if depth >= GEMM_MIN_DEPTH else "xla"
+    gemm = (forward == "gemm", input_grad == "gemm")
+    return _conv2d_matmul(x, kernel, strides, pads, precision, gemm)
 
 
 def conv_general_dilated_matmul(
@@ -249,6 +340,9 @@ def conv_general_dilated_matmul(
     batch_group_count=1,
     precision=None,
     preferred_element_type=None,
+    *,
+    forward="xla",
+    input_grad="xla",
 ):
     """``lax.conv_general_dilated`` with :func:`conv2d_matmul`'s gradient where supported.
 
@@ -281,7 +375,9 @@ def conv_general_dilated_matmul(
     )
     if supported:
         try:
-            return conv2d_matmul(lhs, rhs, window_strides, padding, precision)
+            return conv2d_matmul(
+                lhs, rhs, window_strides, padding, precision, forward=forward, input_grad=input_grad
+            )
         except ValueError:
             pass
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
@@ -296,6 +392,20 @@ class MatmulConv(nn.Conv):
     """
 
     conv_general_dilated: Any = conv_general_dilated_matmul
+
+
+class GemmConv(nn.Conv):
+    """``nn.Conv`` computed entirely by batch-chunked im2col GEMMs on supported settings.
+
+    Like :class:`MatmulConv` (same parameters, fallbacks), but the input gradient and,
+    for GEMM depths ``kh*kw*in_features >= GEMM_MIN_DEPTH``, the forward value are chunked
+    GEMMs too (:func:`conv2d_matmul` with ``forward='auto', input_grad='gemm'``), not
+    XLA:CPU's convolutions.
+    """
+
+    conv_general_dilated: Any = functools.partial(
+        conv_general_dilated_matmul, forward="auto", input_grad="gemm"
+    )
 
 
 def batch_norm(
@@ -354,17 +464,19 @@ def conv(
         followed by BatchNorm, which makes a bias redundant).
       dtype: computation dtype (parameters stay float32).
       impl: ``'xla'`` (``nn.Conv``), ``'matmul'`` (:class:`MatmulConv`: same
-        parameters and forward values, kernel gradient by matmuls) or ``'auto'``
-        (``'matmul'`` on the CPU backend, ``'xla'`` elsewhere).
+        parameters and forward values, kernel gradient by matmuls), ``'gemm'``
+        (:class:`GemmConv`: forward, input and kernel gradient by chunked GEMMs) or
+        ``'auto'`` (``'gemm'`` on the CPU backend, ``'xla'`` elsewhere).
       kernel_init: kernel initialiser (default He-normal, :data:`conv_init`).
       name: submodule name.
 
     Returns:
-      An ``nn.Conv`` (or its subclass :class:`MatmulConv`).
+      An ``nn.Conv`` (or its subclass :class:`MatmulConv` / :class:`GemmConv`).
     """
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size, kernel_size)
-    cls = MatmulConv if resolve_impl(impl, "matmul", CONV_IMPLS) == "matmul" else nn.Conv
+    classes = {"xla": nn.Conv, "matmul": MatmulConv, "gemm": GemmConv}
+    cls = classes[resolve_impl(impl, CPU_CONV_IMPL, CONV_IMPLS)]
     return cls(
         features,
         kernel_size,

@@ -1,0 +1,192 @@
+r"""CPU timings of ``conv_impl='gemm'`` against 'matmul' and XLA's convolution.
+
+All variants of a table run in one process, interleaved round-robin (the starting variant
+rotates each round), after one untimed call; median wall time with
+``block_until_ready``. Only ratios inside one table mean anything on a shared machine.
+
+Parts (``--parts``):
+
+* ``layers``: one 3x3 convolution at the release simple CNN's shapes (batch 512: 28x28
+  1->64, 13x13 64->64 and 5x5 64->64, 'VALID'), forward, input gradient, kernel gradient
+  and all three (``jax.vjp``), for ``--variants`` (``xla``: ``lax.conv_general_dilated``;
+  ``matmul``; ``gemm_fwd`` / ``gemm_dx``: only that part as GEMMs; ``gemm``), with the
+  largest difference to XLA's result relative to its largest magnitude;
+* ``model``: the release simple CNN (dropout 0.3) forward + backward and the real
+  ``base`` / ``sadt_t1`` training steps (experiments/benchmark.py's runners) per
+  ``--impls`` entry ``conv_impl[:dtype]``.
+
+Run::
+
+    PYTHONPATH=. python experiments/conv_gemm.py --parts layers --repeats 7
+    PYTHONPATH=. python experiments/conv_gemm.py --parts model --impls matmul,gemm --repeats 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402
+
+from sadt_jax import losses  # noqa: E402
+from sadt_jax.main import keep_freed_memory  # noqa: E402
+from sadt_jax.models import _layers  # noqa: E402
+
+SPEC = ("NHWC", "HWIO", "NHWC")
+#: (name, height = width, in_features, padding) of the release simple CNN, out = 64.
+LAYERS = (("conv1 28x28 1->64", 28, 1), ("conv2 13x13 64->64", 13, 64), ("conv3 5x5 64->64", 5, 64))
+VARIANTS = {
+    "xla": None,
+    "matmul": ("xla", "xla"),
+    "gemm_fwd": ("gemm", "xla"),
+    "gemm_dx": ("xla", "gemm"),
+    "gemm": ("gemm", "gemm"),
+}
+
+
+def _conv(variant):
+    if VARIANTS[variant] is None:
+        return lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=SPEC
+        )
+    fwd, dx = VARIANTS[variant]
+    return lambda x, w: _layers.conv2d_matmul(x, w, (1, 1), "VALID", forward=fwd, input_grad=dx)
+
+
+def _interleaved(fns: dict, args: tuple, repeats: int) -> dict[str, float]:
+    compiled = {k: jax.jit(f).lower(*args).compile() for k, f in fns.items()}
+    for c in compiled.values():
+        jax.block_until_ready(c(*args))
+    times = {k: [] for k in compiled}
+    keys = list(compiled)
+    for r in range(repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[k](*args))
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}, compiled
+
+
+def layers(variants, repeats, batch):
+    parts = {
+        "fwd": lambda f: lambda x, w, dy: f(x, w),
+        "dx": lambda f: lambda x, w, dy: jax.vjp(lambda a: f(a, w), x)[1](dy)[0],
+        "dW": lambda f: lambda x, w, dy: jax.vjp(lambda b: f(x, b), w)[1](dy)[0],
+        "fwd+dx+dW": lambda f: lambda x, w, dy: jax.vjp(f, x, w)[1](dy),
+    }
+    out = {}
+    for name, hw, cin in LAYERS:
+        k = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(k[0], (batch, hw, hw, cin))
+        w = 0.1 * jax.random.normal(k[1], (3, 3, cin, 64))
+        dy = jax.random.normal(k[2], (batch, hw - 2, hw - 2, 64))
+        for part, make in parts.items():
+            if part == "dx" and cin == 1:
+                continue  # the first layer's input gradient is never needed
+            ms, compiled = _interleaved({v: make(_conv(v)) for v in variants}, (x, w, dy), repeats)
+            ref = compiled["xla"](x, w, dy) if "xla" in compiled else None
+            row = {}
+            for v in variants:
+                row[v] = {"ms": ms[v]}
+                if ref is not None:
+                    got = compiled[v](x, w, dy)
+                    row[v]["rel_diff"] = max(
+                        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
+                    )
+            out[f"{name} {part}"] = row
+            cells = "  ".join(
+                f"{v} {r['ms']:6.1f}" + (f" ({r['rel_diff']:.0e})" if "rel_diff" in r else "")
+                for v, r in row.items()
+            )
+            print(f"{name:20s} {part:10s} {cells}", flush=True)
+    return out
+
+
+def model(impls, methods, repeats, steps):
+    runners, fwd_bwd = [], {}
+    for entry in impls:
+        impl, dtype = (entry.split(":") + ["float32"])[:2]
+        args = benchmark.parse_args(
+            ["--conv_impl", impl, "--dtype", dtype, "--batch_size", "512"]
+            + ["--model_kwargs", json.dumps(benchmark.KERAS_ANCHOR_MODEL)]
+        )
+        net, variables, batch = benchmark._setup(args)
+        others = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss(params, batch, net=net, others=others):
+            logits = net.apply(
+                {"params": params, **others},
+                batch["image"],
+                train=True,
+                mutable=list(others),
+                rngs={"dropout": jax.random.key(0)},
+            )[0]
+            return losses.cross_entropy(logits, batch["label"])
+
+        step = jax.jit(jax.value_and_grad(loss)).lower(variables["params"], batch).compile()
+        fwd_bwd[entry] = (step, variables["params"], batch, [])
+        for m in methods:
+            r = benchmark._method_runner(m, net, variables, batch, args)
+            r.name = f"{m} {entry}"
+            r.run(1)
+            runners.append(r)
+    for step, params, batch, _ in fwd_bwd.values():
+        jax.block_until_ready(step(params, batch))
+    for i in range(repeats):
+        for step, params, batch, ts in (
+            fwd_bwd.values() if i % 2 == 0 else reversed(fwd_bwd.values())
+        ):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, batch))
+            ts.append(time.perf_counter() - t0)
+        for r in runners if i % 2 == 0 else reversed(runners):
+            r.timed(steps)
+    out = {}
+    for entry, (_, _, _, ts) in fwd_bwd.items():
+        out[f"fwd+bwd {entry}"] = 1e3 * statistics.median(ts)
+    for r in runners:
+        out[f"step {r.name}"] = 1e3 * statistics.median(r.times)
+        out[f"cpu_ms {r.name}"] = 1e3 * r.cpu_s / max(r.steps_timed, 1)
+    for k, v in out.items():
+        print(f"{k:32s} {v:8.1f} ms", flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default="layers,model")
+    p.add_argument("--variants", default="xla,matmul,gemm_fwd,gemm_dx,gemm")
+    p.add_argument("--impls", default="matmul,gemm")
+    p.add_argument("--methods", default="base,sadt_t1")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=2, help="Model part: steps per round.")
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    keep_freed_memory()  # as benchmark.py and the training entry point
+    results = {"loadavg_start": os.getloadavg()}
+    for part in a.parts.split(","):
+        if part == "layers":
+            results["layers"] = layers(a.variants.split(","), a.repeats, a.batch_size)
+        elif part == "model":
+            results["model"] = model(a.impls.split(","), a.methods.split(","), a.repeats, a.steps)
+        else:
+            p.error(f"unknown part {part!r}: use layers and/or model")
+    results["loadavg_end"] = os.getloadavg()
+    print(f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
