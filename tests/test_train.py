@@ -130,8 +130,11 @@ def test_eight_devices_train_like_one(tmp_path, method):
         # Simulated CPU devices can deadlock in a collective's rendezvous on 2 cores (seen
         # with jaxlib 0.10.2) unless dispatch is synchronous and Eigen single-threaded;
         # sadt_jax.main applies the same two settings when it sees simulated devices.
+        # On a loaded machine a device thread can also reach the rendezvous later than XLA's
+        # 40 s abort deadline while still progressing: allow it 180 s.
         env["XLA_FLAGS"] = (
-            f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
+            f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false "
+            "--xla_cpu_collective_call_terminate_timeout_seconds=180"
         )
         env["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "false"
         workdir = str(tmp_path / f"d{n}")
