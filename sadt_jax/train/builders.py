@@ -26,7 +26,7 @@ from sadt_jax.algorithm.methods import make_optimizer, method_config
 from sadt_jax.algorithm.state import TrainState
 from sadt_jax.algorithm.step import SADTConfig
 from sadt_jax.data import Dataset
-from sadt_jax.train import steps
+from sadt_jax.train import protocol, steps
 
 __all__ = [
     "Run",
@@ -275,8 +275,6 @@ def _replicate(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def load_run_dataset(config: Any) -> Dataset:
     """The dataset as ``config.data`` describes it (split, subset, location, release split)."""
-    from sadt_jax.train import protocol  # protocol -> validation -> builders: import late
-
     return protocol.load_data(config)
 
 
@@ -291,8 +289,6 @@ def build_run(config: Any, *, dataset: Dataset | None = None) -> Run:
       The :class:`Run`; nothing is initialised or compiled yet.
     """
     ds = load_run_dataset(config) if dataset is None else dataset
-    from sadt_jax.train import protocol
-
     steps_per_epoch = protocol.steps_per_epoch(config, ds.num_train)  # partial batch kept or not
     total_steps = num_train_steps(config, steps_per_epoch)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
