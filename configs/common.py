@@ -60,6 +60,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     config.data.data_dir = placeholder(str)  # Debian IDX folder or tfds data_dir
     config.data.num_validation = 3000  # validation = first 3000 test images (paper)
     config.data.max_train_examples = placeholder(int)
+    config.data.max_test_examples = placeholder(int)  # quick runs: first N of the test split
     config.data.augment = "cutmix"  # "cutmix" | "crop_flip" | "crop_flip_cutmix" | "none"
     config.data.cutmix_alpha = 0.25
     config.data.cutmix_box = "reference"  # "reference" | "release" (1x1 minimum box)

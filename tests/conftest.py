@@ -1,13 +1,39 @@
-"""Shared test fixtures: tiny flax models (with and without dropout / BatchNorm) and batches."""
+"""Shared test fixtures: tiny flax models (with and without dropout / BatchNorm) and batches.
+
+The whole test session, subprocesses included (they inherit the environment), shares one
+persistent XLA compilation cache in a fresh temporary folder: many tests compile the same
+training step again (every ``train_and_evaluate`` call builds new jitted functions), and on
+2 cores compiling was about a third of the suite's time. The cache starts empty, so every
+program is still compiled and run once; a cache hit runs the identical executable.
+"""
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import pytest
+import os
+import shutil
+import tempfile
 
-import sadt_jax
+# Made once, by the process that starts the session; pytest-xdist's workers inherit it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="sadt_jax_tests_xla_cache_"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+import flax.linen as nn  # noqa: E402  (after the cache settings, which jax reads at import)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import sadt_jax  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # not an xdist worker
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 NUM_CLASSES = 4
 

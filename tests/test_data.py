@@ -179,6 +179,22 @@ def test_release_split_leaves_one_test_image_out(tmp_path):
         data.load_dataset("fashion_mnist", data_dir=str(tmp_path), test_skip=-1)
 
 
+def test_max_test_examples_keeps_the_first_test_images(tmp_path):
+    arrays = _write_fake_fmnist(tmp_path, num_train=20, num_test=10)
+    ds = data.load_dataset(
+        "fashion_mnist", data_dir=str(tmp_path), num_validation=4, test_skip=1, max_test_examples=3
+    )
+    test_images, _ = arrays["test"]
+    np.testing.assert_array_equal(ds.val_images[..., 0], test_images[:4])
+    np.testing.assert_array_equal(ds.test_images[..., 0], test_images[5:8])
+    more_than_there_are = data.load_dataset(
+        "fashion_mnist", data_dir=str(tmp_path), num_validation=4, max_test_examples=100
+    )
+    assert more_than_there_are.num_test == 6
+    with pytest.raises(DatasetError, match="max_test_examples"):
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path), max_test_examples=0)
+
+
 def test_normalization_constants(tmp_path):
     _write_fake_fmnist(tmp_path)
     ds = data.load_dataset("fashion_mnist", data_dir=str(tmp_path), num_validation=4)

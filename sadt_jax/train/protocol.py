@@ -63,6 +63,7 @@ def load_data(config: Any) -> Dataset:
         num_validation=config.data.num_validation,
         max_train_examples=config.data.get("max_train_examples"),
         test_skip=1 if field(config, "data", "release_split", False) else 0,
+        max_test_examples=config.data.get("max_test_examples"),
     )
 
 

@@ -137,6 +137,7 @@ def validate_config(config: Any) -> None:
     rng(config.data.cutmix_alpha, lambda v: v > 0, "data.cutmix_alpha", "> 0")
     rng(config.data.num_validation, lambda v: v >= 0, "data.num_validation", ">= 0")
     rng(config.data.get("max_train_examples"), lambda v: v >= 1, "data.max_train_examples", ">= 1")
+    rng(config.data.get("max_test_examples"), lambda v: v >= 1, "data.max_test_examples", ">= 1")
     rng(config.ckpt.max_to_keep, lambda v: v >= 1, "ckpt.max_to_keep", ">= 1")
     rng(config.ckpt.every_epochs, lambda v: v >= 1, "ckpt.every_epochs", ">= 1")
     n_dev = jax.device_count()
