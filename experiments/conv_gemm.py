@@ -114,10 +114,12 @@ def layers(variants, repeats, batch):
 def model(impls, methods, repeats, steps):
     runners, fwd_bwd = [], {}
     for entry in impls:
-        impl, dtype = (entry.split(":") + ["float32"])[:2]
+        parts = entry.split(":")  # conv_impl[:dtype[:block_impl]]
+        impl, dtype, block = parts + ["float32", "auto"][len(parts) - 1 :]
+        model_kwargs = dict(benchmark.KERAS_ANCHOR_MODEL, block_impl=block)
         args = benchmark.parse_args(
             ["--conv_impl", impl, "--dtype", dtype, "--batch_size", "512"]
-            + ["--model_kwargs", json.dumps(benchmark.KERAS_ANCHOR_MODEL)]
+            + ["--model_kwargs", json.dumps(model_kwargs)]
         )
         net, variables, batch = benchmark._setup(args)
         others = {k: v for k, v in variables.items() if k != "params"}
