@@ -10,6 +10,11 @@ seconds.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -190,3 +195,19 @@ def test_block_impl_auto_and_validation():
         SimpleCNN(num_classes=10, block_impl="fused").init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="block_impl must be one of"):
         SimpleCNN(**release, block_impl="fast").init(jax.random.key(0), x, train=False)
+
+
+def test_importing_the_models_does_not_start_jax():
+    # A jnp array built at import starts XLA's thread pool before the entry point's
+    # keep_freed_memory(): its worker threads then take their own malloc arenas and every
+    # step page-faults its temporary buffers in again (~30,000 faults per release
+    # simple-CNN step, measured). Module-level constants must be NumPy.
+    code = (
+        "import sadt_jax.models, sadt_jax.models._fused\n"
+        "from jax._src import xla_bridge\n"
+        "print(bool(xla_bridge._backends))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
