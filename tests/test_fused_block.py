@@ -81,7 +81,9 @@ CASES = [
     (4, 9, 1, "VALID", "VALID", "auto", 1),  # shallow: XLA's convolution per chunk
     (5, 8, 6, "SAME", "SAME", "auto", 2),  # 2 + 2 + a remainder of 1
     (3, 8, 3, "VALID", "SAME", "gemm", 3),  # one chunk, odd map padded with -inf
-    (6, 7, 4, ((1, 0), (2, 1)), "VALID", "xla", 4),  # odd map cropped, explicit pads
+    # explicit pads, 7x9 map: the unpooled row by one input row less, the unpooled column
+    # by one high pad less
+    (6, 8, 4, ((1, 0), (2, 1)), "VALID", "xla", 4),
 ]
 
 

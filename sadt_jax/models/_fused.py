@@ -239,9 +239,31 @@ def conv_relu_pool(
         raise ValueError(
             f"conv_relu_pool needs a convolution output of at least 2x2, not {ho}x{wo}"
         )
+    if pool_padding == "VALID" and (ho % 2 or wo % 2):
+        x, cfg = _drop_unpooled(x, cfg, ho % 2, wo % 2)
+        ho, wo = ho - ho % 2, wo - wo % 2
     target = FUSED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk = _layers._chunk_size(x.shape[0], ho * wo * (cout + depth) * 4, target)
     return _conv_relu_pool(x, kernel, bias, cfg._replace(chunk=chunk))
+
+
+def _drop_unpooled(x, cfg, drop_h, drop_w):
+    """Input and pads whose convolution lacks the last row / column a 'VALID' pool drops.
+
+    Those outputs are never used, so they are not computed (conv2 of the release simple
+    CNN: 10x10 instead of 11x11 outputs, 17% fewer FLOPs). One high pad less where there
+    is one, else one input row / column less (its gradient is zero either way).
+    """
+    pads = list(cfg.pads)
+    for axis, drop in ((0, drop_h), (1, drop_w)):
+        if not drop:
+            continue
+        lo, hi = pads[axis]
+        if hi > 0:
+            pads[axis] = (lo, hi - 1)
+        else:
+            x = lax.slice_in_dim(x, 0, x.shape[1 + axis] - 1, axis=1 + axis)
+    return x, cfg._replace(pads=tuple(pads))
 
 
 class ConvReluPool(nn.Module):
