@@ -19,6 +19,9 @@ kernel-gradient and input-gradient GEMMs on it, so the full-size gradient map ne
 materialises either. Forward mode, forward-over-reverse Hessian-vector products and
 ``vmap`` work as for any JAX function.
 
+With a 'VALID' pool the convolution skips the last row / column of an odd-sized map,
+which the pool drops (10x10 instead of 11x11 outputs in the second block).
+
 Values equal ``pool(relu(conv(x, W) + b))`` computed layer by layer with the same
 convolution (the ReLU commutes with the maximum); gradients route to the first maximum
 of each window in row-major order, as XLA's ``select_and_scatter`` (and
@@ -42,9 +45,9 @@ from jax.custom_derivatives import SymbolicZero
 from sadt_jax.models import _layers
 
 #: Target size in bytes of one chunk's pre-activation map plus its im2col patches (float32
-#: sizes; images per chunk: a divisor of the batch where possible). At batch 512, 8 images
-#: per chunk were fastest for the 28x28 1->64 first block and 4 for the 13x13 64->64
-#: second (results/conv_cpu.md): 2 MiB gives both.
+#: sizes; images per chunk: a divisor of the batch where possible). At batch 512 this gives
+#: 8 images per chunk to both blocks of the release simple CNN; 1 and 4 MiB, and 4 images
+#: for the second block, measured no faster in the training step (results/conv_cpu.md).
 FUSED_CHUNK_BYTES = 2 * 2**20
 
 #: Row-major positions in a 2x2 window, shaped to compare with the ``_pool_windows`` view
