@@ -132,8 +132,8 @@ def _pool_relu(z, dtype, cfg):
 def _forward(x, kernel, bias, cfg):
     """``(pool(relu(conv(x) + b)), picked index)``, chunk by chunk.
 
-    Chunked even where the convolution is XLA's (shallow inputs): one whole-batch
-    convolution followed by the pool measured 1.1x slower in the training step.
+    Chunked also where the convolution is XLA's: one whole-batch convolution followed by
+    the pool measured 1.1x slower in the training step.
     """
     acc = jnp.promote_types(x.dtype, jnp.float32)
 
@@ -204,9 +204,11 @@ def conv_relu_pool(
       padding: the stride-1 convolution's ``'SAME'``, ``'VALID'`` or explicit pairs.
       pool_padding: the 2x2 stride-2 pool's ``'SAME'`` or ``'VALID'``.
       precision: ``lax.Precision`` of the convolutions / GEMMs.
-      forward: how each chunk's convolution value is computed: ``'gemm'`` (im2col
-        GEMM), ``'xla'`` (XLA's convolution) or ``'auto'`` (GEMM when ``kh*kw*in_features
-        >= _layers.GEMM_MIN_DEPTH``, as ``conv_impl='gemm'``). Gradients are GEMMs.
+      forward: how each chunk's convolution value is computed: ``'xla'`` (XLA's
+        convolution on the chunk), ``'gemm'`` (im2col GEMM) or ``'auto'`` (``'xla'``:
+        on a few images XLA:CPU's convolution was as fast as the GEMM or faster, and the
+        training step 1.04-1.10x faster in CPU time; results/conv_cpu.md). The gradients
+        are GEMMs either way.
       chunk_bytes: target size of one chunk's pre-activation map and patches (default
         :data:`FUSED_CHUNK_BYTES`).
 
@@ -233,8 +235,6 @@ def conv_relu_pool(
         )
     pads = _layers._conv_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
     depth = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
-    if forward == "auto":
-        forward = "gemm" if depth >= _layers.GEMM_MIN_DEPTH else "xla"
     precision = tuple(precision) if isinstance(precision, list) else precision
     cfg = _Config(pads, pool_padding, precision, forward == "gemm", 1)
     ho, wo, cout = _conv_out_shape(x, kernel, cfg)
