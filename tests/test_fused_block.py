@@ -174,9 +174,10 @@ def test_release_simple_cnn_fused_matches_layers():
     x, labels = _rand((6, 28, 28, 1), 0), jnp.arange(6) % 10
     variables, ((l0, (logits0, s0)), g0) = _release_loss("layers", x, labels)
     fused_init, ((l1, (logits1, s1)), g1) = _release_loss("fused", x, labels)
-    # Same parameter tree and initial values, same forward pass up to round-off.
+    # Same parameter tree and initial values, same forward pass up to round-off (conv2's
+    # value is XLA's convolution per chunk here, an im2col GEMM layer by layer).
     jax.tree.map(np.testing.assert_array_equal, fused_init, variables)
-    _close(l1, l0, 1e-6)
+    _close(l1, l0, 1e-5)
     _close(logits1, logits0, 1e-5)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
         _close(a, b, 1e-5)
