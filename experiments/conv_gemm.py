@@ -11,14 +11,23 @@ Parts (``--parts``):
   and all three (``jax.vjp``), for ``--variants`` (``xla``: ``lax.conv_general_dilated``;
   ``matmul``; ``gemm_fwd`` / ``gemm_dx``: only that part as GEMMs; ``gemm``), with the
   largest difference to XLA's result relative to its largest magnitude;
+* ``blocks``: the release simple CNN's two ``pool(relu(conv + b))`` blocks (28x28 1->64
+  and 13x13 64->64, batch 512), forward and forward + backward (the gradients a training
+  step needs: no input gradient for the first block), computed layer by layer
+  (``conv_impl='gemm'``, ``pool_impl='reshape'``) and fused (``_fused.conv_relu_pool``),
+  and with ``--with_tf`` by TensorFlow (``tf.nn`` ops under ``tf.function``) in the same
+  process;
 * ``model``: the release simple CNN (dropout 0.3) forward + backward and the real
   ``base`` / ``sadt_t1`` training steps (experiments/benchmark.py's runners) per
-  ``--impls`` entry ``conv_impl[:dtype]``.
+  ``--impls`` entry ``conv_impl[:dtype[:block_impl]]``.
 
 Run::
 
     PYTHONPATH=. python experiments/conv_gemm.py --parts layers --repeats 7
     PYTHONPATH=. python experiments/conv_gemm.py --parts model --impls matmul,gemm --repeats 6
+    PYTHONPATH=. python experiments/conv_gemm.py --parts blocks --with_tf --repeats 9
+    PYTHONPATH=. python experiments/conv_gemm.py --parts model --repeats 6 --steps 3 \
+        --impls gemm:float32:layers,gemm:float32:fused
 """
 
 from __future__ import annotations
@@ -32,13 +41,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 
 from sadt_jax import losses  # noqa: E402
 from sadt_jax.main import keep_freed_memory  # noqa: E402
-from sadt_jax.models import _layers  # noqa: E402
+from sadt_jax.models import _fused, _layers  # noqa: E402
 
 SPEC = ("NHWC", "HWIO", "NHWC")
 #: (name, height = width, in_features, padding) of the release simple CNN, out = 64.
@@ -111,13 +121,96 @@ def layers(variants, repeats, batch):
     return out
 
 
+def _timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms of zero-argument callables, interleaved round-robin after two warm-ups."""
+    for f in fns.values():
+        f(), f()
+    times, keys = {k: [] for k in fns}, list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _jax_blocks(x, w, b):
+    """Layer-by-layer and fused block, forward and forward + backward, as callables."""
+
+    def layers(x, w, b):
+        z = _layers.conv2d_matmul(x, w, (1, 1), "VALID", forward="auto", input_grad="gemm") + b
+        return _layers.max_pool_2x2(jax.nn.relu(z), "reshape", padding="VALID")
+
+    def fused(x, w, b):
+        return _fused.conv_relu_pool(x, w, b, "VALID", "VALID")
+
+    out = {}
+    for name, f in (("layers", layers), ("fused", fused)):
+
+        def fwd_bwd(x, w, b, f=f):
+            if x.shape[-1] == 1:  # the first layer: no input gradient
+                y, vjp = jax.vjp(lambda w, b: f(x, w, b), w, b)
+            else:
+                y, vjp = jax.vjp(f, x, w, b)
+            return vjp(y)
+
+        for part, g in (("fwd", f), ("fwd+bwd", fwd_bwd)):
+            c = jax.jit(g).lower(x, w, b).compile()
+            out[f"{name} {part}"] = lambda c=c: jax.block_until_ready(c(x, w, b))
+    return out
+
+
+def _tf_blocks(x, w):
+    import tensorflow as tf
+
+    xt, wt, bt = tf.constant(x), tf.Variable(w), tf.Variable(tf.zeros(w.shape[-1]))
+
+    def block(x):
+        z = tf.nn.bias_add(tf.nn.conv2d(x, wt, 1, "VALID"), bt)
+        return tf.nn.max_pool2d(tf.nn.relu(z), 2, 2, "VALID")
+
+    @tf.function
+    def fwd():
+        return block(xt)
+
+    @tf.function
+    def fwd_bwd():
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = block(xt)
+        wrt = [wt, bt] if x.shape[-1] == 1 else [xt, wt, bt]
+        return tape.gradient(y, wrt, output_gradients=y)
+
+    return {
+        "tf fwd": lambda: fwd().numpy(),
+        "tf fwd+bwd": lambda: [g.numpy() for g in fwd_bwd()],
+    }
+
+
+def blocks(repeats, batch, with_tf):
+    out = {}
+    for name, hw, cin in LAYERS[:2]:
+        k = jax.random.split(jax.random.key(0), 2)
+        x = jax.random.normal(k[0], (batch, hw, hw, cin))
+        w = 0.1 * jax.random.normal(k[1], (3, 3, cin, 64))
+        fns = _jax_blocks(x, w, jnp.zeros(64))
+        if with_tf:
+            fns.update(_tf_blocks(np.asarray(x), np.asarray(w)))
+        out[name] = _timed(fns, repeats)
+        cells = "  ".join(f"{k} {v:6.1f}" for k, v in out[name].items())
+        print(f"{name:20s} {cells}", flush=True)
+    return out
+
+
 def model(impls, methods, repeats, steps):
     runners, fwd_bwd = [], {}
     for entry in impls:
-        impl, dtype = (entry.split(":") + ["float32"])[:2]
+        parts = entry.split(":")  # conv_impl[:dtype[:block_impl]]
+        impl, dtype, block = parts + ["float32", "auto"][len(parts) - 1 :]
+        model_kwargs = dict(benchmark.KERAS_ANCHOR_MODEL, block_impl=block)
         args = benchmark.parse_args(
             ["--conv_impl", impl, "--dtype", dtype, "--batch_size", "512"]
-            + ["--model_kwargs", json.dumps(benchmark.KERAS_ANCHOR_MODEL)]
+            + ["--model_kwargs", json.dumps(model_kwargs)]
         )
         net, variables, batch = benchmark._setup(args)
         others = {k: v for k, v in variables.items() if k != "params"}
@@ -170,6 +263,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=2, help="Model part: steps per round.")
     p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--with_tf", action="store_true", help="Blocks part: TensorFlow too.")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     keep_freed_memory()  # as benchmark.py and the training entry point
@@ -177,10 +271,12 @@ def main():
     for part in a.parts.split(","):
         if part == "layers":
             results["layers"] = layers(a.variants.split(","), a.repeats, a.batch_size)
+        elif part == "blocks":
+            results["blocks"] = blocks(a.repeats, a.batch_size, a.with_tf)
         elif part == "model":
             results["model"] = model(a.impls.split(","), a.methods.split(","), a.repeats, a.steps)
         else:
-            p.error(f"unknown part {part!r}: use layers and/or model")
+            p.error(f"unknown part {part!r}: use layers, blocks and/or model")
     results["loadavg_end"] = os.getloadavg()
     print(f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}")
     if a.out:

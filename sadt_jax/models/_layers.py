@@ -19,7 +19,9 @@ that initialisers, dtypes and BatchNorm settings are the same everywhere:
   elsewhere; ``'matmul'`` (:class:`MatmulConv`) replaces only the conv kernel gradient;
   ``'xla'`` forces ``nn.Conv`` / ``nn.max_pool``. Values and gradients agree with XLA's
   to float round-off (sums in a different order) or exactly (pooling).
-  See ``results/conv_cpu.md``.
+  See ``results/conv_cpu.md``;
+* the release simple CNN's ``pool(relu(conv))`` blocks can run as one layer computed per
+  batch chunk (``sadt_jax.models._fused``, ``SimpleCNN.block_impl``; the CPU default).
 """
 
 from __future__ import annotations

@@ -37,12 +37,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sadt_jax.models import _layers
+from sadt_jax.models import _fused, _layers
 from sadt_jax.models._base import Classifier
 
 #: (output-layer bias, salient tensor) for T2 teachers. The salient tensor is the
 #: second convolution's bias, index 7 of ``model.get_weights()`` in the release.
 T2_TEACHER_PATHS = ("head/bias", "conv2/bias")
+#: ``block_impl`` values of :class:`SimpleCNN`.
+BLOCK_IMPLS = ("auto", "layers", "fused")
 
 
 class SimpleCNN(Classifier):
@@ -59,6 +61,13 @@ class SimpleCNN(Classifier):
       pool_impl: max-pooling implementation: ``'auto'`` (default: ``'reshape'`` on
         CPU, ``'xla'`` elsewhere), ``'xla'`` or ``'reshape'`` (see
         ``_layers.max_pool_2x2``).
+      block_impl: how the release layout's ``pool(relu(conv))`` blocks are computed:
+        ``'layers'`` (three layers), ``'fused'`` (one chunked layer,
+        ``_fused.conv_relu_pool``: same parameters and values, gradients to float
+        round-off; needs ``release_layout`` and ``pool='max'``) or ``'auto'`` (default:
+        ``'fused'`` where the release layout runs in float32 with ``conv_impl`` and
+        ``pool_impl`` resolving to ``'gemm'`` and ``'reshape'``, i.e. on CPU; else
+        ``'layers'``).
       dtype, bn_axis_name, conv_impl: see :class:`~sadt_jax.models._base.LayerSettings`.
     """
 
@@ -66,10 +75,12 @@ class SimpleCNN(Classifier):
     release_layout: bool = False
     pool: str = "max"
     pool_impl: str = "auto"
+    block_impl: str = "auto"
 
     def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        fused = self._fused_blocks()  # validates block_impl for either layout
         if self.release_layout:
-            return self._release(x, train)
+            return self._release(x, train, fused)
         for i in (1, 2, 3):
             x = self._conv(64, 3, use_bias=True, name=f"conv{i}")(x)
             x = self._bn(train, f"bn{i}")(nn.relu(x))
@@ -88,15 +99,39 @@ class SimpleCNN(Classifier):
             raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
         return _layers.max_pool_2x2(x, self.pool_impl)
 
-    def _release(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def _fused_blocks(self) -> bool:
+        """Whether the release layout's conv-ReLU-pool blocks run as one fused layer."""
+        if self.block_impl not in BLOCK_IMPLS:
+            raise ValueError(f"block_impl must be one of {BLOCK_IMPLS}, got {self.block_impl!r}")
+        if self.block_impl == "fused" and (not self.release_layout or self.pool != "max"):
+            raise ValueError(
+                "block_impl='fused' needs release_layout=True and pool='max' (the default "
+                "layout has BatchNorm between the ReLU and the pool); use 'auto' or 'layers'"
+            )
+        if self.block_impl != "auto":
+            return self.block_impl == "fused"
+        conv = _layers.resolve_impl(self.conv_impl, _layers.CPU_CONV_IMPL, _layers.CONV_IMPLS)
+        pool = _layers.resolve_impl(self.pool_impl, "reshape", _layers.POOL_IMPLS)
+        return (
+            self.release_layout
+            and self.pool == "max"
+            and jnp.dtype(self.dtype) == jnp.float32
+            and (conv, pool) == ("gemm", "reshape")
+        )
+
+    def _release(self, x: jnp.ndarray, train: bool, fused: bool) -> jnp.ndarray:
         def conv(name):
             return self._conv(64, 3, padding="VALID", use_bias=True, name=name)
 
-        def pool(y):
-            return _layers.max_pool_2x2(y, self.pool_impl, padding="VALID")
+        def block(name, y):
+            if fused:
+                return _fused.ConvReluPool(
+                    64, 3, padding="VALID", pool_padding="VALID", dtype=self.dtype, name=name
+                )(y)
+            return _layers.max_pool_2x2(nn.relu(conv(name)(y)), self.pool_impl, padding="VALID")
 
-        x = self._bn(train, "bn1")(pool(nn.relu(conv("conv1")(x))))
-        x = self._bn(train, "bn2")(pool(nn.relu(conv("conv2")(x))))
+        x = self._bn(train, "bn1")(block("conv1", x))
+        x = self._bn(train, "bn2")(block("conv2", x))
         x = self._bn(train, "bn3")(nn.relu(conv("conv3")(x)))
         x = x.reshape((x.shape[0], -1))
         x = self._dropout(self.dropout_rate, x, train)

@@ -1,0 +1,216 @@
+"""The fused conv + bias + ReLU + 2x2 max-pool block (``_fused.conv_relu_pool``).
+
+Checked against XLA's own operations (``lax.conv_general_dilated``, ``jax.nn.relu``,
+``nn.max_pool``, whose gradient is XLA's ``select_and_scatter``): the value, the
+gradients of input, kernel and bias, the forward-mode JVP and forward-over-reverse
+Hessian-vector products, ties included, in several batch chunks, plus the release simple
+CNN with ``block_impl='fused'`` against ``'layers'``. Shapes are small so the file runs in
+seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sadt_jax import models
+from sadt_jax.models import _fused
+from sadt_jax.models.simple_cnn import SimpleCNN
+
+SPEC = ("NHWC", "HWIO", "NHWC")
+
+
+def _rand(shape, seed, dtype=jnp.float32):
+    # NumPy, not jax.random: every eager jax op compiles a kernel (slow on CPU).
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _close(actual, expected, rtol):
+    """Max abs difference within ``rtol`` times the largest magnitude of ``expected``."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    err = float(np.max(np.abs(actual - expected)))
+    assert err <= rtol * scale, f"max abs diff {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+def _xla(padding, pool_padding):
+    def block(x, k, b):
+        z = jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=SPEC) + b
+        return nn.max_pool(jax.nn.relu(z), (2, 2), strides=(2, 2), padding=pool_padding)
+
+    return block
+
+
+def _ours(padding, pool_padding, **kw):
+    def block(x, k, b):
+        return _fused.conv_relu_pool(x, k, b, padding, pool_padding, **kw)
+
+    return block
+
+
+def _parts(block, x, k, b, dy, tangents):
+    """Value, the three gradients, the JVP and an HVP, in one jitted program."""
+
+    @jax.jit
+    def f(x, k, b, dy, tangents):
+        y, vjp = jax.vjp(block, x, k, b)
+        grads = vjp(dy)
+        _, y_dot = jax.jvp(block, (x, k, b), tangents)
+
+        def loss(x, k, b):  # not piecewise linear, so the HVP is not zero
+            return jnp.sum(dy * block(x, k, b) ** 2)
+
+        hvp = jax.jvp(jax.grad(loss, argnums=(0, 1, 2)), (x, k, b), tangents)[1]
+        return (y, *grads, y_dot, *hvp)
+
+    return f(x, k, b, dy, tangents)
+
+
+NAMES = ("value", "dx", "dkernel", "dbias", "jvp", "hvp_x", "hvp_kernel", "hvp_bias")
+# (batch, size, in_features, padding, pool_padding, forward, chunk images)
+CASES = [
+    (4, 9, 1, "VALID", "VALID", "auto", 1),  # 'auto': XLA's convolution per chunk
+    (5, 8, 6, "SAME", "SAME", "gemm", 2),  # 2 + 2 + a remainder of 1
+    (3, 8, 3, "VALID", "SAME", "gemm", 3),  # one chunk, odd map padded with -inf
+    # explicit pads, 7x9 map: the unpooled row by one input row less, the unpooled column
+    # by one high pad less
+    (6, 8, 4, ((1, 0), (2, 1)), "VALID", "xla", 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("batch", "size", "cin", "padding", "pool_padding", "forward", "chunk"), CASES
+)
+def test_fused_block_matches_xla_float32(batch, size, cin, padding, pool_padding, forward, chunk):
+    x, k, b = _rand((batch, size, size, cin), 0), 0.5 * _rand((3, 3, cin, 5), 1), _rand((5,), 2)
+    out = jax.eval_shape(_xla(padding, pool_padding), x, k, b).shape
+    per_image = out[1] * out[2] * 4 * (5 + 9 * cin) * 4  # pre-pool map + patches, float32
+    ours = _ours(padding, pool_padding, forward=forward, chunk_bytes=chunk * per_image)
+    tangents = (_rand(x.shape, 3), _rand(k.shape, 4), _rand(b.shape, 5))
+    dy = _rand(out, 6)
+    ref = _parts(_xla(padding, pool_padding), x, k, b, dy, tangents)
+    got = _parts(ours, x, k, b, dy, tangents)
+    for name, a, r in zip(NAMES, got, ref, strict=True):
+        assert a.dtype == r.dtype, name
+        _close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
+    # ReLU and max commute exactly: the value is bit-identical with XLA's forward conv.
+    if forward in ("xla", "auto"):
+        np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_ties_route_like_select_and_scatter():
+    # Blank images: every pre-activation equals the bias, so every window is a 4-way tie
+    # (a ReLU'd zero where the bias is negative). XLA sends the derivative to the first
+    # element of each window; so must the fused block, in reverse and forward mode.
+    x = jnp.zeros((3, 10, 10, 2)).at[:, 4:7, 2:5, :].set(_rand((3, 3, 3, 2), 0))
+    k, b = _rand((3, 3, 2, 4), 1), jnp.array([0.5, -0.5, 0.0, 1.0])
+    dy = _rand((3, 4, 4, 4), 2)
+    tangents = (_rand(x.shape, 3), _rand(k.shape, 4), _rand(b.shape, 5))
+    ref = _parts(_xla("VALID", "VALID"), x, k, b, dy, tangents)
+    got = _parts(_ours("VALID", "VALID", chunk_bytes=1), x, k, b, dy, tangents)
+    for name, a, r in zip(NAMES, got, ref, strict=True):
+        _close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
+
+
+def test_fused_block_vmap_and_symbolic_zero_tangents():
+    x, k, b = _rand((2, 3, 8, 8, 3), 0), _rand((3, 3, 3, 4), 1), _rand((4,), 2)
+    ref = jax.vmap(_xla("SAME", "SAME"), in_axes=(0, None, None))(x, k, b)
+    got = jax.vmap(_ours("SAME", "SAME"), in_axes=(0, None, None))(x, k, b)
+    _close(got, ref, 2e-6)
+    # Only the kernel varies (x and b are constants): the tangent loop has one term.
+    jvp_ref = jax.jvp(lambda k: _xla("SAME", "SAME")(x[0], k, b), (k,), (k,))[1]
+    jvp_got = jax.jvp(lambda k: _ours("SAME", "SAME")(x[0], k, b), (k,), (k,))[1]
+    _close(jvp_got, jvp_ref, 2e-6)
+
+
+def test_fused_block_bfloat16_matches_loosely():
+    x, k = _rand((4, 8, 8, 8), 0, jnp.bfloat16), _rand((3, 3, 8, 6), 1, jnp.bfloat16)
+    b, dy = _rand((6,), 2, jnp.bfloat16), _rand((4, 3, 3, 6), 3, jnp.bfloat16)
+    ref = jax.vjp(_xla("VALID", "VALID"), x, k, b)
+    got = jax.vjp(_ours("VALID", "VALID"), x, k, b)
+    assert got[0].dtype == jnp.bfloat16
+    _close(got[0], ref[0], 2e-2)
+    for a, r in zip(got[1](dy), ref[1](dy), strict=True):
+        _close(a, r, 5e-2)
+
+
+def test_conv_relu_pool_rejects_bad_input():
+    x, k, b = jnp.zeros((1, 6, 6, 2)), jnp.zeros((3, 3, 2, 4)), jnp.zeros((4,))
+    with pytest.raises(ValueError, match="matching channels"):
+        _fused.conv_relu_pool(x, jnp.zeros((3, 3, 3, 4)), b)
+    with pytest.raises(ValueError, match="bias of shape"):
+        _fused.conv_relu_pool(x, k, jnp.zeros((3,)))
+    with pytest.raises(ValueError, match="pool_padding"):
+        _fused.conv_relu_pool(x, k, b, pool_padding="FULL")
+    with pytest.raises(ValueError, match="at least 2x2"):
+        _fused.conv_relu_pool(jnp.zeros((1, 3, 3, 2)), k, b)
+
+
+def _release_loss(block_impl, x, labels, variables=None):
+    model = models.get_model("release_simple_cnn", 10, block_impl=block_impl, dropout_rate=0.0)
+    if variables is None:
+        variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
+
+    def loss(params):
+        logits, new_state = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)
+        return jnp.mean(ce), (logits, new_state)
+
+    return variables, jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+
+def test_release_simple_cnn_fused_matches_layers():
+    x, labels = _rand((6, 28, 28, 1), 0), jnp.arange(6) % 10
+    variables, ((l0, (logits0, s0)), g0) = _release_loss("layers", x, labels)
+    fused_init, ((l1, (logits1, s1)), g1) = _release_loss("fused", x, labels)
+    # Same parameter tree and initial values, same forward pass up to round-off (conv2's
+    # value is XLA's convolution per chunk here, an im2col GEMM layer by layer).
+    jax.tree.map(np.testing.assert_array_equal, fused_init, variables)
+    _close(l1, l0, 1e-5)
+    _close(logits1, logits0, 1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
+        _close(a, b, 1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        _close(a, b, 5e-5)
+
+
+def test_block_impl_auto_and_validation():
+    release = dict(num_classes=10, release_layout=True)
+    assert SimpleCNN(**release)._fused_blocks() == (jax.default_backend() == "cpu")
+    assert not SimpleCNN(**release, conv_impl="xla")._fused_blocks()
+    assert not SimpleCNN(**release, pool_impl="xla")._fused_blocks()
+    assert not SimpleCNN(**release, dtype=jnp.bfloat16)._fused_blocks()
+    assert not SimpleCNN(num_classes=10)._fused_blocks()  # BatchNorm sits before the pool
+    assert SimpleCNN(**release, block_impl="fused", conv_impl="xla")._fused_blocks()
+    x = jnp.zeros((1, 28, 28, 1))
+    with pytest.raises(ValueError, match="release_layout=True"):
+        SimpleCNN(num_classes=10, block_impl="fused").init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="block_impl must be one of"):
+        SimpleCNN(**release, block_impl="fast").init(jax.random.key(0), x, train=False)
+
+
+def test_importing_the_models_does_not_start_jax():
+    # A jnp array built at import starts XLA's thread pool before the entry point's
+    # keep_freed_memory(): its worker threads then take their own malloc arenas and every
+    # step page-faults its temporary buffers in again (~30,000 faults per release
+    # simple-CNN step, measured). Module-level constants must be NumPy.
+    code = (
+        "import sadt_jax.models, sadt_jax.models._fused\n"
+        "from jax._src import xla_bridge\n"
+        "print(bool(xla_bridge._backends))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
