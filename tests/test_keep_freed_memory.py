@@ -38,3 +38,18 @@ def test_keep_freed_memory_reuses_large_blocks():
     default, keep = faults("default"), faults("keep")
     assert default > 0
     assert 10 * keep <= default, (keep, default)
+
+
+def test_keep_freed_memory_warns_when_jax_already_started():
+    script = (
+        "import jax.numpy as jnp; from sadt_jax.main import keep_freed_memory; "
+        "jnp.zeros(1).block_until_ready(); keep_freed_memory()"
+    )
+    late = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert late.returncode == 0 and "after a JAX backend started" in late.stderr, late.stderr
+    early = subprocess.run(
+        [sys.executable, "-c", "from sadt_jax.main import keep_freed_memory; keep_freed_memory()"],
+        capture_output=True,
+        text=True,
+    )
+    assert early.returncode == 0 and "after a JAX backend started" not in early.stderr
