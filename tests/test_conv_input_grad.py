@@ -16,22 +16,9 @@ import pytest
 
 from sadt_jax import models
 from sadt_jax.models import _layers
+from tests.numerics import assert_close, rand
 
 SPEC = ("NHWC", "HWIO", "NHWC")
-
-
-def _rand(shape, seed, dtype=jnp.float32):
-    # NumPy, not jax.random: every eager jax op compiles a kernel (slow on CPU).
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-def _close(actual, expected, rtol):
-    """Max abs difference within ``rtol`` times the largest magnitude of ``expected``."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = max(float(np.max(np.abs(expected))), 1e-30)
-    err = float(np.max(np.abs(actual - expected)))
-    assert err <= rtol * scale, f"max abs diff {err:.3e} > {rtol:.0e} * {scale:.3e}"
 
 
 def _xla(strides, padding):
@@ -74,24 +61,24 @@ CASES = [
 
 @pytest.mark.parametrize(("padding", "strides", "kernel", "cin", "cout"), CASES)
 def test_gemm_value_grads_and_jvp_match_xla_float32(padding, strides, kernel, cin, cout):
-    x, k = _rand((3, 9, 8, cin), 0), _rand((kernel, 3, cin, cout), 1)
+    x, k = rand((3, 9, 8, cin), 0), rand((kernel, 3, cin, cout), 1)
     y_shape = jax.eval_shape(_xla(strides, padding), x, k).shape
-    dy, x_dot, k_dot = _rand(y_shape, 2), _rand(x.shape, 3), _rand(k.shape, 4)
+    dy, x_dot, k_dot = rand(y_shape, 2), rand(x.shape, 3), rand(k.shape, 4)
     ref = _parts(_xla(strides, padding), x, k, dy, x_dot, k_dot)
     ours = _parts(_gemm(strides, padding), x, k, dy, x_dot, k_dot)
     for name, a, b in zip(("value", "dx", "dkernel", "jvp"), ours, ref, strict=True):
         assert a.dtype == b.dtype, name
-        _close(a, b, 2e-6)
+        assert_close(a, b, 2e-6)
 
 
 @pytest.mark.parametrize(("forward", "input_grad"), [("gemm", "xla"), ("xla", "gemm")])
 def test_gemm_parts_are_selectable(forward, input_grad):
-    x, k = _rand((4, 7, 7, 3), 0), _rand((3, 3, 3, 4), 1)
-    dy, x_dot, k_dot = _rand((4, 7, 7, 4), 2), _rand(x.shape, 3), _rand(k.shape, 4)
+    x, k = rand((4, 7, 7, 3), 0), rand((3, 3, 3, 4), 1)
+    dy, x_dot, k_dot = rand((4, 7, 7, 4), 2), rand(x.shape, 3), rand(k.shape, 4)
     ref = _parts(_xla((1, 1), "SAME"), x, k, dy, x_dot, k_dot)
     ours = _parts(_gemm((1, 1), "SAME", forward, input_grad), x, k, dy, x_dot, k_dot)
     for a, b in zip(ours, ref, strict=True):
-        _close(a, b, 2e-6)
+        assert_close(a, b, 2e-6)
     if forward == "xla":  # XLA's own operation: bit-identical
         np.testing.assert_array_equal(ours[0], ref[0])
     else:  # the input gradient is XLA's own
@@ -104,29 +91,29 @@ def test_gemm_in_several_chunks(monkeypatch, batch):
     per_image = 8 * 8 * 9 * 4 * 4
     monkeypatch.setattr(_layers, "CONV_CHUNK_BYTES", 3 * per_image)
     monkeypatch.setattr(_layers, "GEMM_CHUNK_BYTES", 3 * per_image)
-    x, k = _rand((batch, 8, 8, 4), 0), _rand((3, 3, 4, 5), 1)
-    dy, x_dot, k_dot = _rand((batch, 8, 8, 5), 2), _rand(x.shape, 3), _rand(k.shape, 4)
+    x, k = rand((batch, 8, 8, 4), 0), rand((3, 3, 4, 5), 1)
+    dy, x_dot, k_dot = rand((batch, 8, 8, 5), 2), rand(x.shape, 3), rand(k.shape, 4)
     ref = _parts(_xla((1, 1), "SAME"), x, k, dy, x_dot, k_dot)
     ours = _parts(_gemm((1, 1), "SAME"), x, k, dy, x_dot, k_dot)
     for a, b in zip(ours, ref, strict=True):
-        _close(a, b, 2e-6)
+        assert_close(a, b, 2e-6)
 
 
 def test_gemm_bfloat16_matches_loosely():
-    x, k = _rand((4, 8, 8, 8), 0, jnp.bfloat16), _rand((3, 3, 8, 6), 1, jnp.bfloat16)
-    dy = _rand((4, 8, 8, 6), 2, jnp.bfloat16)
-    x_dot, k_dot = _rand(x.shape, 3, jnp.bfloat16), _rand(k.shape, 4, jnp.bfloat16)
+    x, k = rand((4, 8, 8, 8), 0, jnp.bfloat16), rand((3, 3, 8, 6), 1, jnp.bfloat16)
+    dy = rand((4, 8, 8, 6), 2, jnp.bfloat16)
+    x_dot, k_dot = rand(x.shape, 3, jnp.bfloat16), rand(k.shape, 4, jnp.bfloat16)
     ref = _parts(_xla((1, 1), "SAME"), x, k, dy, x_dot, k_dot)
     ours = _parts(_gemm((1, 1), "SAME"), x, k, dy, x_dot, k_dot)
     for a, b in zip(ours, ref, strict=True):
         assert a.dtype == jnp.bfloat16
-        _close(a, b, 2e-2)  # bfloat16 rounding of the results, float32 accumulation
+        assert_close(a, b, 2e-2)  # bfloat16 rounding of the results, float32 accumulation
 
 
 def test_gemm_hessian_vector_product_forward_over_reverse():
     # sadt_jax.sharpness uses jax.jvp(jax.grad(loss)).
-    x, k = _rand((3, 6, 6, 2), 0), _rand((3, 3, 2, 4), 1)
-    v = (_rand(x.shape, 2), _rand(k.shape, 3))
+    x, k = rand((3, 6, 6, 2), 0), rand((3, 3, 2, 4), 1)
+    v = (rand(x.shape, 2), rand(k.shape, 3))
 
     def hvp(conv):
         def loss(x, k):
@@ -135,7 +122,7 @@ def test_gemm_hessian_vector_product_forward_over_reverse():
         return jax.jit(lambda: jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), v)[1])()
 
     for a, b in zip(hvp(_gemm((1, 1), "SAME")), hvp(_xla((1, 1), "SAME")), strict=True):
-        _close(a, b, 1e-5)
+        assert_close(a, b, 1e-5)
 
 
 def test_gemm_conv_module_and_auto():
@@ -143,7 +130,7 @@ def test_gemm_conv_module_and_auto():
     assert isinstance(layer, _layers.GemmConv)
     auto = type(_layers.conv(5, 3, dtype=jnp.float32))
     assert auto is (_layers.GemmConv if jax.default_backend() == "cpu" else nn.Conv)
-    x = _rand((2, 6, 6, 8), 0)  # GEMM depth 3 * 3 * 8 = 72 >= GEMM_MIN_DEPTH
+    x = rand((2, 6, 6, 8), 0)  # GEMM depth 3 * 3 * 8 = 72 >= GEMM_MIN_DEPTH
     ref = nn.Conv(5, (3, 3), use_bias=True)
     fast = _layers.GemmConv(5, (3, 3), use_bias=True)
     variables = jax.jit(ref.init)(jax.random.key(0), x)
@@ -154,7 +141,7 @@ def test_gemm_conv_module_and_auto():
         )
 
     for a, b in zip(jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(ref)), strict=True):
-        _close(a, b, 2e-6)
+        assert_close(a, b, 2e-6)
     jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     assert "custom_jvp_call" in jaxpr and "conv_general_dilated" not in jaxpr
     # A shallow GEMM (3 * 3 * 3 = 27): the forward value is XLA's convolution.
@@ -170,7 +157,7 @@ def test_gemm_conv_module_and_auto():
 
 def test_release_simple_cnn_gemm_matches_xla():
     model_kw = dict(release_layout=True, dropout_rate=0.0)
-    x = _rand((4, 28, 28, 1), 0)
+    x = rand((4, 28, 28, 1), 0)
     labels = jnp.arange(4) % 10
     out = []
     for impl in ("xla", "gemm"):
@@ -187,6 +174,6 @@ def test_release_simple_cnn_gemm_matches_xla():
 
         out.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
     (l0, g0), (l1, g1) = out
-    _close(l1, l0, 1e-5)
+    assert_close(l1, l0, 1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        _close(a, b, 5e-5)
+        assert_close(a, b, 5e-5)

@@ -24,22 +24,9 @@ import pytest
 from sadt_jax import models
 from sadt_jax.models import _fused
 from sadt_jax.models.simple_cnn import SimpleCNN
+from tests.numerics import assert_close, rand
 
 SPEC = ("NHWC", "HWIO", "NHWC")
-
-
-def _rand(shape, seed, dtype=jnp.float32):
-    # NumPy, not jax.random: every eager jax op compiles a kernel (slow on CPU).
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-def _close(actual, expected, rtol):
-    """Max abs difference within ``rtol`` times the largest magnitude of ``expected``."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = max(float(np.max(np.abs(expected))), 1e-30)
-    err = float(np.max(np.abs(actual - expected)))
-    assert err <= rtol * scale, f"max abs diff {err:.3e} > {rtol:.0e} * {scale:.3e}"
 
 
 def _xla(padding, pool_padding):
@@ -91,17 +78,17 @@ CASES = [
     ("batch", "size", "cin", "padding", "pool_padding", "forward", "chunk"), CASES
 )
 def test_fused_block_matches_xla_float32(batch, size, cin, padding, pool_padding, forward, chunk):
-    x, k, b = _rand((batch, size, size, cin), 0), 0.5 * _rand((3, 3, cin, 5), 1), _rand((5,), 2)
+    x, k, b = rand((batch, size, size, cin), 0), 0.5 * rand((3, 3, cin, 5), 1), rand((5,), 2)
     out = jax.eval_shape(_xla(padding, pool_padding), x, k, b).shape
     per_image = out[1] * out[2] * 4 * (5 + 9 * cin) * 4  # pre-pool map + patches, float32
     ours = _ours(padding, pool_padding, forward=forward, chunk_bytes=chunk * per_image)
-    tangents = (_rand(x.shape, 3), _rand(k.shape, 4), _rand(b.shape, 5))
-    dy = _rand(out, 6)
+    tangents = (rand(x.shape, 3), rand(k.shape, 4), rand(b.shape, 5))
+    dy = rand(out, 6)
     ref = _parts(_xla(padding, pool_padding), x, k, b, dy, tangents)
     got = _parts(ours, x, k, b, dy, tangents)
     for name, a, r in zip(NAMES, got, ref, strict=True):
         assert a.dtype == r.dtype, name
-        _close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
+        assert_close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
     # ReLU and max commute exactly: the value is bit-identical with XLA's forward conv.
     if forward in ("xla", "auto"):
         np.testing.assert_array_equal(got[0], ref[0])
@@ -111,36 +98,36 @@ def test_ties_route_like_select_and_scatter():
     # Blank images: every pre-activation equals the bias, so every window is a 4-way tie
     # (a ReLU'd zero where the bias is negative). XLA sends the derivative to the first
     # element of each window; so must the fused block, in reverse and forward mode.
-    x = jnp.zeros((3, 10, 10, 2)).at[:, 4:7, 2:5, :].set(_rand((3, 3, 3, 2), 0))
-    k, b = _rand((3, 3, 2, 4), 1), jnp.array([0.5, -0.5, 0.0, 1.0])
-    dy = _rand((3, 4, 4, 4), 2)
-    tangents = (_rand(x.shape, 3), _rand(k.shape, 4), _rand(b.shape, 5))
+    x = jnp.zeros((3, 10, 10, 2)).at[:, 4:7, 2:5, :].set(rand((3, 3, 3, 2), 0))
+    k, b = rand((3, 3, 2, 4), 1), jnp.array([0.5, -0.5, 0.0, 1.0])
+    dy = rand((3, 4, 4, 4), 2)
+    tangents = (rand(x.shape, 3), rand(k.shape, 4), rand(b.shape, 5))
     ref = _parts(_xla("VALID", "VALID"), x, k, b, dy, tangents)
     got = _parts(_ours("VALID", "VALID", chunk_bytes=1), x, k, b, dy, tangents)
     for name, a, r in zip(NAMES, got, ref, strict=True):
-        _close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
+        assert_close(a, r, 1e-5 if name.startswith("hvp") else 2e-6)
 
 
 def test_fused_block_vmap_and_symbolic_zero_tangents():
-    x, k, b = _rand((2, 3, 8, 8, 3), 0), _rand((3, 3, 3, 4), 1), _rand((4,), 2)
+    x, k, b = rand((2, 3, 8, 8, 3), 0), rand((3, 3, 3, 4), 1), rand((4,), 2)
     ref = jax.vmap(_xla("SAME", "SAME"), in_axes=(0, None, None))(x, k, b)
     got = jax.vmap(_ours("SAME", "SAME"), in_axes=(0, None, None))(x, k, b)
-    _close(got, ref, 2e-6)
+    assert_close(got, ref, 2e-6)
     # Only the kernel varies (x and b are constants): the tangent loop has one term.
     jvp_ref = jax.jvp(lambda k: _xla("SAME", "SAME")(x[0], k, b), (k,), (k,))[1]
     jvp_got = jax.jvp(lambda k: _ours("SAME", "SAME")(x[0], k, b), (k,), (k,))[1]
-    _close(jvp_got, jvp_ref, 2e-6)
+    assert_close(jvp_got, jvp_ref, 2e-6)
 
 
 def test_fused_block_bfloat16_matches_loosely():
-    x, k = _rand((4, 8, 8, 8), 0, jnp.bfloat16), _rand((3, 3, 8, 6), 1, jnp.bfloat16)
-    b, dy = _rand((6,), 2, jnp.bfloat16), _rand((4, 3, 3, 6), 3, jnp.bfloat16)
+    x, k = rand((4, 8, 8, 8), 0, jnp.bfloat16), rand((3, 3, 8, 6), 1, jnp.bfloat16)
+    b, dy = rand((6,), 2, jnp.bfloat16), rand((4, 3, 3, 6), 3, jnp.bfloat16)
     ref = jax.vjp(_xla("VALID", "VALID"), x, k, b)
     got = jax.vjp(_ours("VALID", "VALID"), x, k, b)
     assert got[0].dtype == jnp.bfloat16
-    _close(got[0], ref[0], 2e-2)
+    assert_close(got[0], ref[0], 2e-2)
     for a, r in zip(got[1](dy), ref[1](dy), strict=True):
-        _close(a, r, 5e-2)
+        assert_close(a, r, 5e-2)
 
 
 def test_conv_relu_pool_rejects_bad_input():
@@ -171,18 +158,18 @@ def _release_loss(block_impl, x, labels, variables=None):
 
 
 def test_release_simple_cnn_fused_matches_layers():
-    x, labels = _rand((6, 28, 28, 1), 0), jnp.arange(6) % 10
+    x, labels = rand((6, 28, 28, 1), 0), jnp.arange(6) % 10
     variables, ((l0, (logits0, s0)), g0) = _release_loss("layers", x, labels)
     fused_init, ((l1, (logits1, s1)), g1) = _release_loss("fused", x, labels)
     # Same parameter tree and initial values, same forward pass up to round-off (conv2's
     # value is XLA's convolution per chunk here, an im2col GEMM layer by layer).
     jax.tree.map(np.testing.assert_array_equal, fused_init, variables)
-    _close(l1, l0, 1e-5)
-    _close(logits1, logits0, 1e-5)
+    assert_close(l1, l0, 1e-5)
+    assert_close(logits1, logits0, 1e-5)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
-        _close(a, b, 1e-5)
+        assert_close(a, b, 1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        _close(a, b, 5e-5)
+        assert_close(a, b, 5e-5)
 
 
 def test_block_impl_auto_and_validation():
