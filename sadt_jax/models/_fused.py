@@ -86,8 +86,7 @@ def _map_chunks(fn, arrays, size):
 def _conv(x, kernel, cfg, acc, *, gemm, kernel_grad_layout=False):
     """One chunk's stride-1 convolution, accumulated in ``acc``: im2col GEMM or XLA's."""
     kh, kw, cin, cout = kernel.shape
-    ho = x.shape[1] + sum(cfg.pads[0]) - kh + 1
-    wo = x.shape[2] + sum(cfg.pads[1]) - kw + 1
+    ho, wo, _ = _conv_out_shape(x, kernel, cfg)
     if not gemm:
         return lax.conv_general_dilated(
             x,
@@ -180,6 +179,7 @@ def _conv_relu_pool_jvp(cfg, primals, tangents):
 
 
 def _conv_out_shape(x, kernel, cfg):
+    """``(height, width, channels)`` of the stride-1 convolution of ``x`` under ``cfg.pads``."""
     kh, kw, _, cout = kernel.shape
     return (x.shape[1] + sum(cfg.pads[0]) - kh + 1, x.shape[2] + sum(cfg.pads[1]) - kw + 1, cout)
 

@@ -66,6 +66,8 @@ CONV_IMPLS = ("auto", "xla", "matmul", "gemm")
 CPU_CONV_IMPL = "gemm"
 #: ``impl`` values accepted by :func:`max_pool_2x2` (``'auto'``: ``'reshape'`` on CPU).
 POOL_IMPLS = ("auto", "xla", "reshape")
+#: What ``pool_impl="auto"`` means on CPU.
+CPU_POOL_IMPL = "reshape"
 
 #: Target size in bytes of one batch chunk of im2col patches in the matmul kernel
 #: gradient: small enough to stay in cache. Chunks of 0.1-2 MiB were fastest for every
@@ -575,7 +577,7 @@ def max_pool_2x2(x: jnp.ndarray, impl: str = "auto", padding: str = "SAME") -> j
     Returns:
       ``(..., height / 2, width / 2, features)``, rounded up ('SAME') or down ('VALID').
     """
-    impl = resolve_impl(impl, "reshape", POOL_IMPLS)
+    impl = resolve_impl(impl, CPU_POOL_IMPL, POOL_IMPLS)
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
     if impl == "xla" or x.ndim < 3 or not jnp.issubdtype(x.dtype, jnp.floating):

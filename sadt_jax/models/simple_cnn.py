@@ -111,7 +111,7 @@ class SimpleCNN(Classifier):
         if self.block_impl != "auto":
             return self.block_impl == "fused"
         conv = _layers.resolve_impl(self.conv_impl, _layers.CPU_CONV_IMPL, _layers.CONV_IMPLS)
-        pool = _layers.resolve_impl(self.pool_impl, "reshape", _layers.POOL_IMPLS)
+        pool = _layers.resolve_impl(self.pool_impl, _layers.CPU_POOL_IMPL, _layers.POOL_IMPLS)
         return (
             self.release_layout
             and self.pool == "max"
