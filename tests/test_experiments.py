@@ -81,9 +81,10 @@ def test_ablation_grid():
         "sadt_t1_nodrop",
         "base_nodrop",
         "sam",
+        "base_2x_nodrop",
     ]
-    assert [c.label for c in cells[:11]] == names
-    assert len(cells) == 11 * 10 and sorted({c.seed for c in cells}) == list(range(10))
+    assert [c.label for c in cells[:12]] == names
+    assert len(cells) == 12 * 10 and sorted({c.seed for c in cells}) == list(range(10))
     assert suites.get_suite("ablation").references == ("base", "base_2x")
     by_name = {c.name: c for c in cells}
     fm = {c.name: c for c in suites.suite_cells("fashion_mnist")}
@@ -105,6 +106,10 @@ def test_ablation_grid():
         "base_nodrop": ("base", ("model.dropout_rate", 0.0)),
     }
     base = dict(by_name["base_s3"].overrides)
+    base_2x = dict(by_name["base_2x_s3"].overrides)
+    nodrop_2x = by_name["base_2x_nodrop_s3"]
+    assert nodrop_2x.config == "configs/fashion_mnist.py:base_2x"
+    assert set(nodrop_2x.overrides) - set(base_2x.items()) == {("model.dropout_rate", 0.0)}
     for name, (method, override) in expected.items():
         cell = by_name[f"{name}_s3"]
         assert cell.config == f"configs/fashion_mnist.py:{method}" and cell.method == method
@@ -414,7 +419,7 @@ def test_ablation_aggregation_outputs(tmp_path):
     assert float(vs["rdrop"]["d_final_test_mean"]) == pytest.approx(-0.01, abs=1e-6)
     assert vs["rdrop"]["pairs"] == "3" and vs["sadt_t1_kd0"]["d_final_test_wins"] == "0"
     runs = _csv_rows(os.path.join(out, "runs.csv"))
-    assert len(runs) == 33 and {r["seed"] for r in runs} == {"0", "1", "2"}
+    assert len(runs) == len(cells) == 36 and {r["seed"] for r in runs} == {"0", "1", "2"}
     for png in ("vs_base_ablation.png", "vs_base_2x_ablation.png", "acc_vs_grads_ablation.png"):
         assert os.path.getsize(os.path.join(out, png)) > 0
 

@@ -35,7 +35,7 @@ Suites (run them with ``python -m experiments.run_suite --suite=<name> --root=ru
 * ``fashion_mnist_release``: the paper's methods, base_2x and rdrop under the release
   protocol (:func:`fashion_mnist_release_cells`); ``release_key``: base, base_2x,
   sadt_t1 and rdrop of it with 5 seeds (:func:`release_key_cells`);
-* ``ablation``: what makes SADT-T1 work, 11 cells x 10 seeds (:func:`ablation_cells`);
+* ``ablation``: what makes SADT-T1 work, 12 cells x 10 seeds (:func:`ablation_cells`);
 * ``overfit``: a small training set trained until validation loss turns up
   (:func:`overfit_cells`).
 

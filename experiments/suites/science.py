@@ -33,11 +33,14 @@ ABLATION_CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "sadt_t1_nodrop": ("sadt_t1", {"model.dropout_rate": 0.0}),
     "base_nodrop": ("base", {"model.dropout_rate": 0.0}),
     "sam": ("sam", {}),
+    # Added after seeds 0-4 had run: the equal-updates control without dropout, without
+    # which sadt_t1_nodrop's gain over base_nodrop cannot be told from its second update.
+    "base_2x_nodrop": ("base_2x", {"model.dropout_rate": 0.0}),
 }
 
 
 def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
-    """What makes SADT-T1 beat base, and why base_2x beats SADT-T1: 11 cells x 10 seeds.
+    """What makes SADT-T1 beat base, and why base_2x beats SADT-T1: 12 cells x 10 seeds.
 
     The ``fashion_mnist`` suite's budget and protocol (simple CNN, batch 256, the first
     7680 training images, 5 epochs = 150 steps, validation = the first 3000 test images),
@@ -52,7 +55,8 @@ def ablation_cells(seeds: Sequence[int], smoke: bool = False) -> list[Cell]:
     * ``sadt_t1``; ``sadt_t1_kd0`` (KD weight 0: the second update reuses the clean
       gradient g); ``sadt_t1_shared_mask`` (the teacher pass reuses the clean pass's
       dropout mask); ``rdrop`` (teacher = theta' itself, only a fresh dropout mask:
-      R-Drop-like consistency); ``sadt_t1_nodrop`` and ``base_nodrop`` (dropout off);
+      R-Drop-like consistency); ``sadt_t1_nodrop``, ``base_nodrop`` and ``base_2x_nodrop``
+      (dropout off; the last is the equal-updates control for ``sadt_t1_nodrop``);
     * ``sam`` (rho 0.05).
 
     Tables: mean ± std, seed-paired differences with 95 % t confidence intervals against
