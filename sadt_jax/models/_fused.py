@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.normalization import _compute_stats
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -294,10 +295,97 @@ class ConvReluPool(nn.Module):
     kernel_init: nn.initializers.Initializer = _layers.conv_init
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, affine: tuple | None = None) -> jnp.ndarray:
+        """The block on ``x``, or with ``affine = (mul, shift)`` on ``x * mul + shift``.
+
+        ``affine`` is a per-input-channel affine map (a BatchNorm's, from
+        :class:`BatchNormAffine`) folded into the convolution (:func:`fold_affine`), so the
+        mapped input is never materialised; it needs ``padding='VALID'``.
+        """
         kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
         shape = (kh, kw, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        if affine is not None:
+            if self.padding != "VALID":
+                raise ValueError(
+                    f"ConvReluPool can fold an affine input map only into a 'VALID' "
+                    f"convolution (padded zeros are not mapped), got padding={self.padding!r}"
+                )
+            kernel, bias = fold_affine(kernel, bias, *affine)
         x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
         return conv_relu_pool(x, kernel, bias, self.padding, self.pool_padding)
+
+
+def fold_affine(kernel, bias, mul, shift):
+    """Kernel and bias of ``conv(x * mul + shift)`` as a convolution of ``x`` itself.
+
+    For a convolution without padding, ``conv(x * mul + shift, W) + b = conv(x, W') + b'``
+    with ``W'[..., c, :] = W[..., c, :] * mul[c]`` and ``b' = b + sum_{h, w, c} W[h, w, c, :]
+    * shift[c]`` (every output sees a full window of shifted inputs).
+
+    Args:
+      kernel: ``(kh, kw, in_features, out_features)``.
+      bias: ``(out_features,)``.
+      mul: ``(in_features,)`` per-input-channel scale.
+      shift: ``(in_features,)`` per-input-channel offset.
+
+    Returns:
+      ``(W', b')``.
+    """
+    folded_bias = bias + jnp.einsum("hwio,i->o", kernel, shift, precision=lax.Precision.HIGHEST)
+    return kernel * mul[:, None], folded_bias
+
+
+class BatchNormAffine(nn.BatchNorm):
+    """Training-mode BatchNorm returned as the affine map it applies, not applied.
+
+    An ``nn.BatchNorm`` (the defaults of ``_layers.batch_norm``: momentum 0.99, epsilon
+    1e-3, float32 parameters) with the same variables, statistics and running-average
+    updates in training mode (``params`` ``scale`` and ``bias``, ``batch_stats`` ``mean``
+    and ``var``; statistics from flax's own ``_compute_stats``), but it returns
+    ``(mul, shift)`` with ``BatchNorm(x) = x * mul + shift`` per channel (``mul = scale /
+    sqrt(var + epsilon)``, ``shift = bias - mean * mul``), so that the next layer can fold
+    it into its weights (:meth:`ConvReluPool.__call__`) and the normalised map is never
+    stored. Training mode and the last axis as features only: in evaluation the model
+    applies ``nn.BatchNorm`` with the running averages, unchanged.
+    """
+
+    use_running_average: bool = False
+    momentum: float = _layers.BN_MOMENTUM
+    epsilon: float = _layers.BN_EPSILON
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:  # type: ignore[override]
+        if (self.use_running_average, self.axis, self.use_bias, self.use_scale) != (
+            False,
+            -1,
+            True,
+            True,
+        ):
+            raise ValueError(
+                "BatchNormAffine supports training mode (use_running_average=False) with "
+                "axis=-1, a bias and a scale only"
+            )
+        features = (x.shape[-1],)
+        stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), features)
+        initializing = self.is_initializing()
+        mean, var = _compute_stats(
+            x,
+            tuple(range(x.ndim - 1)),
+            dtype=self.dtype,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance,
+            force_float32_reductions=self.force_float32_reductions,
+        )
+        if not initializing:
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        mul = lax.rsqrt(var + self.epsilon) * scale
+        return mul, bias - mean * mul
