@@ -65,7 +65,7 @@ def _parts(block, x, k, b, dy, tangents):
 NAMES = ("value", "dx", "dkernel", "dbias", "jvp", "hvp_x", "hvp_kernel", "hvp_bias")
 # (batch, size, in_features, padding, pool_padding, forward, chunk images)
 CASES = [
-    (4, 9, 1, "VALID", "VALID", "auto", 1),  # 'auto': XLA's convolution per chunk
+    (4, 9, 1, "VALID", "VALID", "auto", 1),  # 'auto' at depth 9: XLA's convolution per chunk
     (5, 8, 6, "SAME", "SAME", "gemm", 2),  # 2 + 2 + a remainder of 1
     (3, 8, 3, "VALID", "SAME", "gemm", 3),  # one chunk, odd map padded with -inf
     # explicit pads, 7x9 map: the unpooled row by one input row less, the unpooled column
@@ -92,6 +92,15 @@ def test_fused_block_matches_xla_float32(batch, size, cin, padding, pool_padding
     # ReLU and max commute exactly: the value is bit-identical with XLA's forward conv.
     if forward in ("xla", "auto"):
         np.testing.assert_array_equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize(("cin", "xla_conv"), [(1, True), (7, True), (8, False)])
+def test_auto_forward_is_the_gemm_from_depth_64(cin, xla_conv):
+    # 'auto': XLA's convolution for shallow GEMMs (the first block, depth 9), the im2col
+    # GEMM from depth kh*kw*cin >= 64 (XLA:CPU runs a chunk's convolution on one thread).
+    x, k, b = jnp.zeros((2, 6, 6, cin)), jnp.zeros((3, 3, cin, 4)), jnp.zeros((4,))
+    jaxpr = str(jax.make_jaxpr(_ours("VALID", "VALID"))(x, k, b))
+    assert ("conv_general_dilated" in jaxpr) == xla_conv
 
 
 def test_ties_route_like_select_and_scatter():

@@ -206,10 +206,13 @@ def conv_relu_pool(
       pool_padding: the 2x2 stride-2 pool's ``'SAME'`` or ``'VALID'``.
       precision: ``lax.Precision`` of the convolutions / GEMMs.
       forward: how each chunk's convolution value is computed: ``'xla'`` (XLA's
-        convolution on the chunk), ``'gemm'`` (im2col GEMM) or ``'auto'`` (``'xla'``:
-        on a few images XLA:CPU's convolution was as fast as the GEMM or faster, and the
-        training step 1.04-1.10x faster in CPU time; results/conv_cpu.md). The gradients
-        are GEMMs either way.
+        convolution on the chunk), ``'gemm'`` (im2col GEMM) or ``'auto'`` (``'gemm'``
+        where the GEMM's depth ``kh*kw*in_features`` is at least
+        ``_layers.GEMM_MIN_DEPTH``, else ``'xla'``: XLA:CPU runs its convolution of a
+        chunk on one thread (YNNPACK), the GEMM on both cores of the 2-core machine, so
+        the second block of the release simple CNN (depth 576) got 1.03x faster training
+        steps in wall time, for 1.09x more CPU time, while the first (depth 9) lost;
+        results/conv_cpu.md). The gradients are GEMMs either way.
       chunk_bytes: target size of one chunk's pre-activation map and patches (default
         :data:`FUSED_CHUNK_BYTES`).
 
@@ -237,6 +240,8 @@ def conv_relu_pool(
     pads = _layers._conv_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
     depth = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
     precision = tuple(precision) if isinstance(precision, list) else precision
+    if forward == "auto":
+        forward = "gemm" if depth >= _layers.GEMM_MIN_DEPTH else "xla"
     cfg = _Config(pads, pool_padding, precision, forward == "gemm", 1)
     ho, wo, cout = _conv_out_shape(x, kernel, cfg)
     if ho < 2 or wo < 2:
