@@ -22,6 +22,13 @@ materialises either. Forward mode, forward-over-reverse Hessian-vector products 
 With a 'VALID' pool the convolution skips the last row / column of an odd-sized map,
 which the pool drops (10x10 instead of 11x11 outputs in the second block).
 
+A training-mode BatchNorm right before a block (``bn1`` before the second block of the
+release simple CNN) can be folded into the block's convolution: :class:`BatchNormAffine`
+returns the BatchNorm's per-channel ``x * mul + shift`` instead of applying it, and
+:class:`ConvReluPool` convolves ``x`` with the kernel scaled by ``mul`` and a bias that
+absorbs ``shift`` (:func:`fold_affine`), so the normalised map is neither written nor
+differentiated through; JAX differentiates the statistics as usual.
+
 Values equal ``pool(relu(conv(x, W) + b))`` computed layer by layer with the same
 convolution (the ReLU commutes with the maximum); gradients route to the first maximum
 of each window in row-major order, as XLA's ``select_and_scatter`` (and
