@@ -19,7 +19,10 @@ Parts (``--parts``):
   process;
 * ``model``: the release simple CNN (dropout 0.3) forward + backward and the real
   ``base`` / ``sadt_t1`` training steps (experiments/benchmark.py's runners) per
-  ``--impls`` entry ``conv_impl[:dtype[:block_impl]]``.
+  ``--impls`` entry ``conv_impl[:dtype[:block_impl[:fold]]]`` (``fold``: ``fold`` or
+  ``nofold``, ``SimpleCNN.fold_bn``; default ``fold``), with each step's process CPU
+  time, ``cores_busy`` (CPU time / wall time while timing) and ``round_ratio`` (the
+  median over rounds of the step's round median over the first entry's, same method).
 
 Run::
 
@@ -28,6 +31,8 @@ Run::
     PYTHONPATH=. python experiments/conv_gemm.py --parts blocks --with_tf --repeats 9
     PYTHONPATH=. python experiments/conv_gemm.py --parts model --repeats 6 --steps 3 \
         --impls gemm:float32:layers,gemm:float32:fused
+    PYTHONPATH=. python experiments/conv_gemm.py --parts model --repeats 12 --steps 2 \
+        --impls gemm:float32:fused:nofold,gemm:float32:fused:fold
 """
 
 from __future__ import annotations
@@ -205,9 +210,11 @@ def blocks(repeats, batch, with_tf):
 def model(impls, methods, repeats, steps):
     runners, fwd_bwd = [], {}
     for entry in impls:
-        parts = entry.split(":")  # conv_impl[:dtype[:block_impl]]
-        impl, dtype, block = parts + ["float32", "auto"][len(parts) - 1 :]
-        model_kwargs = dict(benchmark.KERAS_ANCHOR_MODEL, block_impl=block)
+        parts = entry.split(":")  # conv_impl[:dtype[:block_impl[:fold]]]
+        impl, dtype, block, fold = parts + ["float32", "auto", "fold"][len(parts) - 1 :]
+        if fold not in ("fold", "nofold"):
+            raise ValueError(f"--impls entry {entry!r}: the fourth field is fold or nofold")
+        model_kwargs = dict(benchmark.KERAS_ANCHOR_MODEL, block_impl=block, fold_bn=fold == "fold")
         args = benchmark.parse_args(
             ["--conv_impl", impl, "--dtype", dtype, "--batch_size", "512"]
             + ["--model_kwargs", json.dumps(model_kwargs)]
@@ -246,11 +253,20 @@ def model(impls, methods, repeats, steps):
     out = {}
     for entry, (_, _, _, ts) in fwd_bwd.items():
         out[f"fwd+bwd {entry}"] = 1e3 * statistics.median(ts)
+    first = {}  # method -> the first --impls entry's runner
+    for r in runners:
+        first.setdefault(r.name.split()[0], r)
+    for r in runners:
+        ref = first[r.name.split()[0]]
+        ratios = [a / b for a, b in zip(r.per_repeat, ref.per_repeat, strict=True)]
+        out[f"round_ratio {r.name}"] = statistics.median(ratios)
     for r in runners:
         out[f"step {r.name}"] = 1e3 * statistics.median(r.times)
         out[f"cpu_ms {r.name}"] = 1e3 * r.cpu_s / max(r.steps_timed, 1)
+        out[f"cores_busy {r.name}"] = r.cpu_s / r.wall_s if r.wall_s else float("nan")
     for k, v in out.items():
-        print(f"{k:32s} {v:8.1f} ms", flush=True)
+        unit = "" if k.startswith(("cores_busy", "round_ratio")) else " ms"
+        print(f"{k:40s} {v:8.2f}{unit}", flush=True)
     return out
 
 

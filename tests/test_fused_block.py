@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from sadt_jax import models
-from sadt_jax.models import _fused
+from sadt_jax.models import _fused, _layers
 from sadt_jax.models.simple_cnn import SimpleCNN
 from tests.numerics import assert_close, rand
 
@@ -65,7 +65,7 @@ def _parts(block, x, k, b, dy, tangents):
 NAMES = ("value", "dx", "dkernel", "dbias", "jvp", "hvp_x", "hvp_kernel", "hvp_bias")
 # (batch, size, in_features, padding, pool_padding, forward, chunk images)
 CASES = [
-    (4, 9, 1, "VALID", "VALID", "auto", 1),  # 'auto': XLA's convolution per chunk
+    (4, 9, 1, "VALID", "VALID", "auto", 1),  # 'auto' at depth 9: XLA's convolution per chunk
     (5, 8, 6, "SAME", "SAME", "gemm", 2),  # 2 + 2 + a remainder of 1
     (3, 8, 3, "VALID", "SAME", "gemm", 3),  # one chunk, odd map padded with -inf
     # explicit pads, 7x9 map: the unpooled row by one input row less, the unpooled column
@@ -92,6 +92,15 @@ def test_fused_block_matches_xla_float32(batch, size, cin, padding, pool_padding
     # ReLU and max commute exactly: the value is bit-identical with XLA's forward conv.
     if forward in ("xla", "auto"):
         np.testing.assert_array_equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize(("cin", "xla_conv"), [(1, True), (7, True), (8, False)])
+def test_auto_forward_is_the_gemm_from_depth_64(cin, xla_conv):
+    # 'auto': XLA's convolution for shallow GEMMs (the first block, depth 9), the im2col
+    # GEMM from depth kh*kw*cin >= 64 (XLA:CPU runs a chunk's convolution on one thread).
+    x, k, b = jnp.zeros((2, 6, 6, cin)), jnp.zeros((3, 3, cin, 4)), jnp.zeros((4,))
+    jaxpr = str(jax.make_jaxpr(_ours("VALID", "VALID"))(x, k, b))
+    assert ("conv_general_dilated" in jaxpr) == xla_conv
 
 
 def test_ties_route_like_select_and_scatter():
@@ -142,8 +151,10 @@ def test_conv_relu_pool_rejects_bad_input():
         _fused.conv_relu_pool(jnp.zeros((1, 3, 3, 2)), k, b)
 
 
-def _release_loss(block_impl, x, labels, variables=None):
-    model = models.get_model("release_simple_cnn", 10, block_impl=block_impl, dropout_rate=0.0)
+def _release_loss(block_impl, x, labels, variables=None, **kwargs):
+    model = models.get_model(
+        "release_simple_cnn", 10, block_impl=block_impl, dropout_rate=0.0, **kwargs
+    )
     if variables is None:
         variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
 
@@ -170,6 +181,88 @@ def test_release_simple_cnn_fused_matches_layers():
         assert_close(a, b, 1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert_close(a, b, 5e-5)
+
+
+def _bn_then_block(fold):
+    """bn1 (training mode) then the fused conv2 block, bn1 folded into conv2 or applied."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            block = _fused.ConvReluPool(5, 3, padding="VALID", pool_padding="VALID", name="conv2")
+            if fold:
+                return block(x, _fused.BatchNormAffine(axis_name="d", name="bn1")(x))
+            bn = _layers.batch_norm(True, dtype=jnp.float32, axis_name="d", name="bn1")
+            return block(bn(x))
+
+    return Net()
+
+
+def test_folded_batch_norm_matches_batch_norm_then_block():
+    # Two "devices" (vmap with an axis name) so the statistics' pmean is exercised; the
+    # input has a large mean so that a folded shift, not only the scale, matters.
+    x = rand((2, 3, 9, 9, 4), 0) * 2.0 + 3.0
+    dy = rand((2, 3, 3, 3, 5), 1)
+    ref_net, fold_net = _bn_then_block(False), _bn_then_block(True)
+    variables = ref_net.init(jax.random.key(0), x[0])
+    assert jax.tree.structure(fold_net.init(jax.random.key(0), x[0])) == jax.tree.structure(
+        variables
+    )
+    params = jax.tree.map(lambda p: p + 0.3 * rand(p.shape, 2), variables["params"])
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+
+    def run_net(net):
+        def per_device(params, x, dy):
+            def f(params, x):
+                y, state = net.apply(
+                    {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
+                )
+                return jnp.sum(y * dy), (y, state)
+
+            return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+        return jax.jit(jax.vmap(per_device, (None, 0, 0), axis_name="d"))(params, x, dy)
+
+    (_, (y0, s0)), g0 = run_net(ref_net)
+    (_, (y1, s1)), g1 = run_net(fold_net)
+    assert_close(y1, y0, 1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
+        assert_close(a, b, 1e-6)  # running averages: the same statistics
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert_close(a, b, 2e-5)  # params (bn1 and conv2) and the input gradient
+
+
+def test_fold_bn_keeps_eval_and_parameters():
+    x, labels = rand((6, 28, 28, 1), 3), jnp.arange(6) % 10
+    model = models.get_model("release_simple_cnn", 10, block_impl="fused", dropout_rate=0.0)
+    unfolded = model.clone(fold_bn=False)
+    variables = jax.jit(lambda k, x: model.init(k, x, train=True))(jax.random.key(1), x)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        variables,
+        jax.jit(lambda k, x: unfolded.init(k, x, train=True))(jax.random.key(1), x),
+    )
+    # Evaluation applies bn1 as a layer with or without the fold: the same bits.
+    np.testing.assert_array_equal(
+        jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x),
+        jax.jit(lambda v, x: unfolded.apply(v, x, train=False))(variables, x),
+    )
+    _, ((l0, (logits0, s0)), g0) = _release_loss("fused", x, labels, variables, fold_bn=False)
+    _, ((l1, (logits1, s1)), g1) = _release_loss("fused", x, labels, variables, fold_bn=True)
+    assert_close(l1, l0, 1e-5)
+    assert_close(logits1, logits0, 1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
+        assert_close(a, b, 1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert_close(a, b, 5e-5)
+    with pytest.raises(ValueError, match="fold_bn must be True or False"):
+        model.clone(fold_bn="yes").init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="supports training mode"):
+        _fused.BatchNormAffine(use_running_average=True).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="only into a 'VALID' convolution"):
+        _fused.ConvReluPool(4, padding="SAME").init(
+            jax.random.key(0), x, (jnp.ones(1), jnp.zeros(1))
+        )
 
 
 def test_block_impl_auto_and_validation():

@@ -22,6 +22,13 @@ materialises either. Forward mode, forward-over-reverse Hessian-vector products 
 With a 'VALID' pool the convolution skips the last row / column of an odd-sized map,
 which the pool drops (10x10 instead of 11x11 outputs in the second block).
 
+A training-mode BatchNorm right before a block (``bn1`` before the second block of the
+release simple CNN) can be folded into the block's convolution: :class:`BatchNormAffine`
+returns the BatchNorm's per-channel ``x * mul + shift`` instead of applying it, and
+:class:`ConvReluPool` convolves ``x`` with the kernel scaled by ``mul`` and a bias that
+absorbs ``shift`` (:func:`fold_affine`), so the normalised map is neither written nor
+differentiated through; JAX differentiates the statistics as usual.
+
 Values equal ``pool(relu(conv(x, W) + b))`` computed layer by layer with the same
 convolution (the ReLU commutes with the maximum); gradients route to the first maximum
 of each window in row-major order, as XLA's ``select_and_scatter`` (and
@@ -39,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.normalization import _compute_stats
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -205,10 +213,13 @@ def conv_relu_pool(
       pool_padding: the 2x2 stride-2 pool's ``'SAME'`` or ``'VALID'``.
       precision: ``lax.Precision`` of the convolutions / GEMMs.
       forward: how each chunk's convolution value is computed: ``'xla'`` (XLA's
-        convolution on the chunk), ``'gemm'`` (im2col GEMM) or ``'auto'`` (``'xla'``:
-        on a few images XLA:CPU's convolution was as fast as the GEMM or faster, and the
-        training step 1.04-1.10x faster in CPU time; results/conv_cpu.md). The gradients
-        are GEMMs either way.
+        convolution on the chunk), ``'gemm'`` (im2col GEMM) or ``'auto'`` (``'gemm'``
+        where the GEMM's depth ``kh*kw*in_features`` is at least
+        ``_layers.GEMM_MIN_DEPTH``, else ``'xla'``: XLA:CPU runs its convolution of a
+        chunk on one thread (YNNPACK), the GEMM on both cores of the 2-core machine, so
+        the second block of the release simple CNN (depth 576) got 1.03x faster training
+        steps in wall time, for 1.09x more CPU time, while the first (depth 9) lost;
+        results/conv_cpu.md). The gradients are GEMMs either way.
       chunk_bytes: target size of one chunk's pre-activation map and patches (default
         :data:`FUSED_CHUNK_BYTES`).
 
@@ -236,6 +247,8 @@ def conv_relu_pool(
     pads = _layers._conv_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
     depth = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
     precision = tuple(precision) if isinstance(precision, list) else precision
+    if forward == "auto":
+        forward = "gemm" if depth >= _layers.GEMM_MIN_DEPTH else "xla"
     cfg = _Config(pads, pool_padding, precision, forward == "gemm", 1)
     ho, wo, cout = _conv_out_shape(x, kernel, cfg)
     if ho < 2 or wo < 2:
@@ -294,10 +307,97 @@ class ConvReluPool(nn.Module):
     kernel_init: nn.initializers.Initializer = _layers.conv_init
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, affine: tuple | None = None) -> jnp.ndarray:
+        """The block on ``x``, or with ``affine = (mul, shift)`` on ``x * mul + shift``.
+
+        ``affine`` is a per-input-channel affine map (a BatchNorm's, from
+        :class:`BatchNormAffine`) folded into the convolution (:func:`fold_affine`), so the
+        mapped input is never materialised; it needs ``padding='VALID'``.
+        """
         kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
         shape = (kh, kw, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        if affine is not None:
+            if self.padding != "VALID":
+                raise ValueError(
+                    f"ConvReluPool can fold an affine input map only into a 'VALID' "
+                    f"convolution (padded zeros are not mapped), got padding={self.padding!r}"
+                )
+            kernel, bias = fold_affine(kernel, bias, *affine)
         x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
         return conv_relu_pool(x, kernel, bias, self.padding, self.pool_padding)
+
+
+def fold_affine(kernel, bias, mul, shift):
+    """Kernel and bias of ``conv(x * mul + shift)`` as a convolution of ``x`` itself.
+
+    For a convolution without padding, ``conv(x * mul + shift, W) + b = conv(x, W') + b'``
+    with ``W'[..., c, :] = W[..., c, :] * mul[c]`` and ``b' = b + sum_{h, w, c} W[h, w, c, :]
+    * shift[c]`` (every output sees a full window of shifted inputs).
+
+    Args:
+      kernel: ``(kh, kw, in_features, out_features)``.
+      bias: ``(out_features,)``.
+      mul: ``(in_features,)`` per-input-channel scale.
+      shift: ``(in_features,)`` per-input-channel offset.
+
+    Returns:
+      ``(W', b')``.
+    """
+    folded_bias = bias + jnp.einsum("hwio,i->o", kernel, shift, precision=lax.Precision.HIGHEST)
+    return kernel * mul[:, None], folded_bias
+
+
+class BatchNormAffine(nn.BatchNorm):
+    """Training-mode BatchNorm returned as the affine map it applies, not applied.
+
+    An ``nn.BatchNorm`` (the defaults of ``_layers.batch_norm``: momentum 0.99, epsilon
+    1e-3, float32 parameters) with the same variables, statistics and running-average
+    updates in training mode (``params`` ``scale`` and ``bias``, ``batch_stats`` ``mean``
+    and ``var``; statistics from flax's own ``_compute_stats``), but it returns
+    ``(mul, shift)`` with ``BatchNorm(x) = x * mul + shift`` per channel (``mul = scale /
+    sqrt(var + epsilon)``, ``shift = bias - mean * mul``), so that the next layer can fold
+    it into its weights (:meth:`ConvReluPool.__call__`) and the normalised map is never
+    stored. Training mode and the last axis as features only: in evaluation the model
+    applies ``nn.BatchNorm`` with the running averages, unchanged.
+    """
+
+    use_running_average: bool = False
+    momentum: float = _layers.BN_MOMENTUM
+    epsilon: float = _layers.BN_EPSILON
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:  # type: ignore[override]
+        if (self.use_running_average, self.axis, self.use_bias, self.use_scale) != (
+            False,
+            -1,
+            True,
+            True,
+        ):
+            raise ValueError(
+                "BatchNormAffine supports training mode (use_running_average=False) with "
+                "axis=-1, a bias and a scale only"
+            )
+        features = (x.shape[-1],)
+        stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), features)
+        initializing = self.is_initializing()
+        mean, var = _compute_stats(
+            x,
+            tuple(range(x.ndim - 1)),
+            dtype=self.dtype,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance,
+            force_float32_reductions=self.force_float32_reductions,
+        )
+        if not initializing:
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        mul = lax.rsqrt(var + self.epsilon) * scale
+        return mul, bias - mean * mul
