@@ -46,7 +46,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen.normalization import _compute_stats
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -349,14 +348,33 @@ def fold_affine(kernel, bias, mul, shift):
     return kernel * mul[:, None], folded_bias
 
 
+def _batch_moments(x: jnp.ndarray, axis_name: str | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-channel mean and variance over all but the last axis, as ``nn.BatchNorm`` computes them.
+
+    flax's defaults (``use_fast_variance=True``, ``force_float32_reductions=True``): float32
+    ``E[x]`` and ``E[x^2]``, averaged together across ``axis_name`` in one ``pmean``, and
+    ``var = max(0, E[x^2] - E[x]^2)``. Written out here rather than imported from flax's
+    private ``_compute_stats``, so that a flax upgrade cannot break importing the models;
+    ``tests/test_fused_block.py`` checks it against ``nn.BatchNorm`` (statistics and
+    running averages).
+    """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    moments = jnp.stack([x.mean(axes), jnp.square(x).mean(axes)])
+    if axis_name is not None:
+        moments = lax.pmean(moments, axis_name)
+    mean, mean_sq = moments[0], moments[1]
+    return mean, jnp.maximum(0.0, mean_sq - jnp.square(mean))
+
+
 class BatchNormAffine(nn.BatchNorm):
     """Training-mode BatchNorm returned as the affine map it applies, not applied.
 
     An ``nn.BatchNorm`` (the defaults of ``_layers.batch_norm``: momentum 0.99, epsilon
     1e-3, float32 parameters) with the same variables, statistics and running-average
     updates in training mode (``params`` ``scale`` and ``bias``, ``batch_stats`` ``mean``
-    and ``var``; statistics from flax's own ``_compute_stats``), but it returns
-    ``(mul, shift)`` with ``BatchNorm(x) = x * mul + shift`` per channel (``mul = scale /
+    and ``var``; statistics as ``nn.BatchNorm`` computes them, :func:`_batch_moments`), but
+    it returns ``(mul, shift)`` with ``BatchNorm(x) = x * mul + shift`` per channel (``mul = scale /
     sqrt(var + epsilon)``, ``shift = bias - mean * mul``), so that the next layer can fold
     it into its weights (:meth:`ConvReluPool.__call__`) and the normalised map is never
     stored. Training mode and the last axis as features only: in evaluation the model
@@ -370,30 +388,20 @@ class BatchNormAffine(nn.BatchNorm):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:  # type: ignore[override]
-        if (self.use_running_average, self.axis, self.use_bias, self.use_scale) != (
-            False,
-            -1,
-            True,
-            True,
-        ):
+        settings = (self.use_running_average, self.axis, self.use_bias, self.use_scale)
+        stats = (self.use_fast_variance, self.force_float32_reductions, self.axis_index_groups)
+        if settings != (False, -1, True, True) or stats != (True, True, None):
             raise ValueError(
                 "BatchNormAffine supports training mode (use_running_average=False) with "
-                "axis=-1, a bias and a scale only"
+                "axis=-1, a bias and a scale, and flax's default statistics (fast variance, "
+                "float32 reductions, no axis_index_groups) only"
             )
         features = (x.shape[-1],)
-        stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        stat_dtype = jnp.float32
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), features)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), features)
         initializing = self.is_initializing()
-        mean, var = _compute_stats(
-            x,
-            tuple(range(x.ndim - 1)),
-            dtype=self.dtype,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            use_fast_variance=self.use_fast_variance,
-            force_float32_reductions=self.force_float32_reductions,
-        )
+        mean, var = _batch_moments(x, None if initializing else self.axis_name)
         if not initializing:
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
