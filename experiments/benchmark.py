@@ -248,9 +248,9 @@ def _memory_analysis(compiled) -> dict[str, float]:
     return {"xla_temp_mb": ma.temp_size_in_bytes / mb, "xla_total_mb": total / mb}
 
 
-def _compile(fn: Callable, *args) -> tuple[Any, float]:
+def _compile(fn: Callable, *args, compiler_options: dict | None = None) -> tuple[Any, float]:
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile(compiler_options=compiler_options)
     return compiled, time.perf_counter() - t0
 
 
@@ -261,10 +261,12 @@ def _copy(tree):
 class _Runner:
     """A compiled step plus its (donated) carry; ``run(n)`` returns per-step seconds."""
 
-    def __init__(self, name: str, jitted, carry: tuple, batch):
+    def __init__(self, name: str, jitted, carry: tuple, batch, compiler_options=None):
         self.name = name
         self.batch = batch
-        self.compiled, self.compile_s = _compile(jitted, *carry, batch)
+        self.compiled, self.compile_s = _compile(
+            jitted, *carry, batch, compiler_options=compiler_options
+        )
         self.carry = carry
         self.last_out = None
         self.times: list[float] = []
@@ -329,7 +331,7 @@ def _setup(args):
     return model, variables, batch
 
 
-def _method_runner(name, model, variables, batch, args) -> _Runner:
+def _method_runner(name, model, variables, batch, args, compiler_options=None) -> _Runner:
     overrides = {}
     if name == "sadt_t2" or sadt_jax.METHODS[name].teachers == "t2":
         overrides["t2_paths"] = t2_teacher_paths(args.model)
@@ -342,7 +344,7 @@ def _method_runner(name, model, variables, batch, args) -> _Runner:
         ema_teacher=config.uses_ema,
     )
     step = jax.jit(functools.partial(sadt_jax.sadt_update, config=config), donate_argnums=0)
-    return _Runner(name, step, (state,), batch)
+    return _Runner(name, step, (state,), batch, compiler_options)
 
 
 def _stats(r: _Runner, batch_size: int, peak_tflops: float | None) -> dict[str, Any]:

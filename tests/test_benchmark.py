@@ -129,3 +129,27 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path):
     assert proc.stdout.strip() == benchmark.KERAS_SKIPPED
     assert json.loads(out.read_text()) == {"_keras": {"skipped": benchmark.KERAS_SKIPPED}}
     assert not (tmp_path / "keras.md").exists()
+
+
+def test_xla_cpu_options_variants_and_passthrough():
+    """experiments/xla_cpu_options.py: bad variants are one clear error; the options reach
+    the compiler (an unknown option is refused by XLA, so a dropped dict would pass)."""
+    from experiments import xla_cpu_options
+
+    assert xla_cpu_options._parse_variant('noeigen={"xla_cpu_multi_thread_eigen": false}') == (
+        "noeigen",
+        {"xla_cpu_multi_thread_eigen": False},
+    )
+    for bad in ("noeigen", "x={not json}", "x=[1]", "={}"):
+        with pytest.raises(SystemExit, match="error: variant"):
+            xla_cpu_options._parse_variant(bad)
+    args = benchmark.parse_args(["--dataset_shape=8,8,1", "--batch_size=4", "--num_classes=3"])
+    model, variables, batch = benchmark._setup(args)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        benchmark._method_runner(
+            "base", model, variables, batch, args, {"xla_cpu_no_such_option": True}
+        )
+    runner = benchmark._method_runner(
+        "base", model, variables, batch, args, {"xla_cpu_multi_thread_eigen": False}
+    )
+    assert all(t > 0 for t in runner.run(1))
