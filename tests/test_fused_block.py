@@ -168,6 +168,17 @@ def _release_loss(block_impl, x, labels, variables=None, **kwargs):
     return variables, jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
 
+def _assert_same_pass(got, want):
+    """Loss, logits and new batch statistics to 1e-5, gradients to 5e-5 (float round-off)."""
+    (l1, logits1, s1, g1), (l0, logits0, s0, g0) = got, want
+    assert_close(l1, l0, 1e-5)
+    assert_close(logits1, logits0, 1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
+        assert_close(a, b, 1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert_close(a, b, 5e-5)
+
+
 def test_release_simple_cnn_fused_matches_layers():
     x, labels = rand((6, 28, 28, 1), 0), jnp.arange(6) % 10
     variables, ((l0, (logits0, s0)), g0) = _release_loss("layers", x, labels)
@@ -175,12 +186,7 @@ def test_release_simple_cnn_fused_matches_layers():
     # Same parameter tree and initial values, same forward pass up to round-off (conv2's
     # value is XLA's convolution per chunk here, an im2col GEMM layer by layer).
     jax.tree.map(np.testing.assert_array_equal, fused_init, variables)
-    assert_close(l1, l0, 1e-5)
-    assert_close(logits1, logits0, 1e-5)
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
-        assert_close(a, b, 1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        assert_close(a, b, 5e-5)
+    _assert_same_pass((l1, logits1, s1, g1), (l0, logits0, s0, g0))
 
 
 def _bn_then_block(fold):
@@ -249,12 +255,7 @@ def test_fold_bn_keeps_eval_and_parameters():
     )
     _, ((l0, (logits0, s0)), g0) = _release_loss("fused", x, labels, variables, fold_bn=False)
     _, ((l1, (logits1, s1)), g1) = _release_loss("fused", x, labels, variables, fold_bn=True)
-    assert_close(l1, l0, 1e-5)
-    assert_close(logits1, logits0, 1e-5)
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0), strict=True):
-        assert_close(a, b, 1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        assert_close(a, b, 5e-5)
+    _assert_same_pass((l1, logits1, s1, g1), (l0, logits0, s0, g0))
     with pytest.raises(ValueError, match="fold_bn must be True or False"):
         model.clone(fold_bn="yes").init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="supports training mode"):
