@@ -272,6 +272,22 @@ def _with_overrides(cells: list[Cell], overrides: Sequence[str]) -> list[Cell]:
     ]
 
 
+def config_problems(cells: Sequence[Cell]) -> list[str]:
+    """What ``sadt_jax.main`` would refuse in these cells, one line per distinct problem.
+
+    Checked for every run before any runs (:meth:`Cell.config_problems`), so an override
+    the config does not accept stops the suite at once rather than failing each cell.
+    """
+    where: dict[str, list[str]] = {}
+    for cell in suites.unique_runs(cells):
+        for problem in cell.config_problems():
+            where.setdefault(problem, []).append(f"{cell.suite}/{cell.name}")
+    return [
+        f"{problem} ({names[0]}" + (f" and {len(names) - 1} more cells)" if len(names) > 1 else ")")
+        for problem, names in where.items()
+    ]
+
+
 def main(argv: Sequence[str] | None = None, *, launcher: Launcher = subprocess_launcher) -> int:
     args = parse_args(argv)
     try:
@@ -285,6 +301,11 @@ def main(argv: Sequence[str] | None = None, *, launcher: Launcher = subprocess_l
     cells = _with_overrides(cells, args.override)
     if not cells:
         print(f"error: no cell of suite {args.suite!r} matches --only={args.only}", file=sys.stderr)
+        return 2
+    problems = config_problems(cells)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     # The suite's own folder (a suite may also reuse runs kept in another suite's folder).
     folder = args.suite + ("_smoke" if args.smoke else "")

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,52 @@ class Cell:
         argv.append(f"--out={os.path.join(workdir, self.done_file)}")
         argv += [f"--{k}={_cli_value(v)}" for k, v in self.overrides]
         return argv
+
+    def config_problems(self) -> list[str]:
+        """Why ``sadt_jax.main`` would refuse this cell's config, one line per problem.
+
+        Parses ``--config`` and the overrides the way ``sadt_jax.main`` does (absl flags
+        with ml_collections' config flag, so an override naming no field fails as it would
+        there) and applies :func:`sadt_jax.train.validation.validate_config`. Runners call
+        it for every cell before running any, so a suite whose overrides the config no
+        longer accepts stops at once instead of failing each run. Checks that need the data
+        or the model (``validate_against_data``) are left to the run. ``[]`` for
+        sharpness cells and valid configs.
+        """
+        if self.kind != "train":
+            return []
+        from absl import flags
+        from ml_collections import config_flags
+
+        from sadt_jax.train.validation import ConfigError, validate_config
+
+        if REPO_ROOT not in sys.path:  # config files import ``configs.common``
+            sys.path.insert(0, REPO_ROOT)
+        file, sep, arg = self.config.partition(":")
+        argv = ["run", f"--config={os.path.join(REPO_ROOT, file)}{sep}{arg}"]
+        argv += [f"--config.{k}={_cli_value(v)}" for k, v in self.overrides]
+        values = flags.FlagValues()
+        # The override flags are declared from ``sys_argv`` (default: the process's own).
+        config_flags.DEFINE_config_file(
+            "config", None, "config file", flag_values=values, sys_argv=argv
+        )
+        try:
+            with warnings.catch_warnings():  # ml_collections loads the file with load_module
+                warnings.simplefilter("ignore", DeprecationWarning)
+                values(argv)
+        except (AttributeError, KeyError) as e:  # an override that names no field
+            key = str(e.args[0] if e.args else e).splitlines()[0].strip("'\"")
+            bad = [k for k, _ in self.overrides if k == key or k.endswith(f".{key}")]
+            field = f"--config.{bad[0]}" if bad else "--config"
+            return [f"{field}: the config {self.config} has no field {key!r}"]
+        except Exception as e:  # noqa: BLE001 - a bad value, or the config file raised
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            return [f"{self.config}: {lines[-1] if lines else type(e).__name__}"]
+        try:
+            validate_config(values.config)
+        except ConfigError as e:
+            return [f"{self.config}: {line}" for line in str(e).splitlines()]
+        return []
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
