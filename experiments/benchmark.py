@@ -303,6 +303,15 @@ class _Runner:
         self.times.extend(t)
         self.per_repeat.append(statistics.median(t))
 
+    def round_ratio(self, reference: _Runner) -> float:
+        """Median over rounds of this runner's round median over ``reference``'s.
+
+        Rounds interleave the runners, so a load change hits both sides of a ratio alike:
+        the figure to compare variants by on a shared machine.
+        """
+        ratios = [a / b for a, b in zip(self.per_repeat, reference.per_repeat, strict=True)]
+        return statistics.median(ratios)
+
 
 def _round_robin(
     runners: Sequence[_Runner], steps: int, repeats: int, pipelined: bool = False

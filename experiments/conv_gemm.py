@@ -257,9 +257,7 @@ def model(impls, methods, repeats, steps):
     for r in runners:
         first.setdefault(r.name.split()[0], r)
     for r in runners:
-        ref = first[r.name.split()[0]]
-        ratios = [a / b for a, b in zip(r.per_repeat, ref.per_repeat, strict=True)]
-        out[f"round_ratio {r.name}"] = statistics.median(ratios)
+        out[f"round_ratio {r.name}"] = r.round_ratio(first[r.name.split()[0]])
     for r in runners:
         out[f"step {r.name}"] = 1e3 * statistics.median(r.times)
         out[f"cpu_ms {r.name}"] = 1e3 * r.cpu_s / max(r.steps_timed, 1)

@@ -74,10 +74,9 @@ def main(argv=None) -> dict:
                 r.timed(a.steps)
         first = next(iter(runners.values()))
         for name, r in runners.items():
-            ratios = [x / y for x, y in zip(r.per_repeat, first.per_repeat, strict=True)]
             row = {
                 "step_ms": 1e3 * statistics.median(r.times),
-                "round_ratio": statistics.median(ratios),
+                "round_ratio": r.round_ratio(first),
                 "cores_busy": r.cpu_s / r.wall_s,
             }
             out[f"{method} {name}"] = row

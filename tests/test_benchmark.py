@@ -153,3 +153,24 @@ def test_xla_cpu_options_variants_and_passthrough():
         "base", model, variables, batch, args, {"xla_cpu_multi_thread_eigen": False}
     )
     assert all(t > 0 for t in runner.run(1))
+
+
+def test_round_ratio_is_the_median_of_per_round_ratios():
+    """The figure conv_gemm.py and xla_cpu_options.py compare variants by."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.benchmark import _Runner
+
+    def step(x, b):
+        return x + b, x.sum()
+
+    a, ref = (_Runner(n, jax.jit(step), (jnp.zeros(3),), jnp.ones(3)) for n in ("a", "ref"))
+    a.per_repeat, ref.per_repeat = [2.0, 4.0, 18.0], [1.0, 1.0, 2.0]
+    assert a.round_ratio(ref) == 4.0  # ratios 2, 4, 9 (their mean is 5)
+    assert ref.round_ratio(ref) == 1.0
+    ref.per_repeat = [1.0, 1.0]
+    with pytest.raises(ValueError):  # rounds must pair up
+        a.round_ratio(ref)
+    a.timed(2)  # a real round records its median step time
+    assert len(a.per_repeat) == 4 and a.per_repeat[-1] > 0
