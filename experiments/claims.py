@@ -13,7 +13,9 @@ Run::
 
 For a table that only has the mean, std and count of paired differences (the committed
 sharpness tables), ``--paired_summary=results/sharpness/sharpness_vs_base_2x.csv`` gives
-the same intervals from those three numbers.
+the same intervals from those three numbers. ``--minus=final_test_acc`` adds, per method,
+the difference of ``--metric`` and that column within each run (what best-validation
+selection changed), with its interval over seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from experiments.stats import (
     t_interval,
 )
 
-__all__ = ["main", "paired_rows", "read_table", "seed_std_range"]
+__all__ = ["main", "paired_rows", "read_table", "seed_std_range", "within_run_rows"]
 
 #: The column of runs.csv with the paper's number (test accuracy at the best-val-loss epoch).
 METRIC = "test_acc_@_best_val"
@@ -72,6 +74,42 @@ def paired_rows(
             )
         out.append((setting, label, mean_std(list(by_seed.values())), diffs))
     return out
+
+
+def within_run_rows(
+    rows: list[dict[str, str]], metric: str, minus: str
+) -> list[tuple[str, str, PairedDifference]]:
+    """Per (setting, label): ``metric - minus`` within each run, with its interval over seeds.
+
+    E.g. ``test_acc_@_best_val - final_test_acc``: what best-validation selection changed.
+    """
+    values, others = _values(rows, metric), _values(rows, minus)
+    out = []
+    for (setting, label), by_seed in values.items():
+        other = others.get((setting, label), {})
+        diffs = [v - other[s] for s, v in sorted(by_seed.items()) if s in other]
+        out.append((setting, label, paired_difference(diffs)))
+    return out
+
+
+def _within_markdown(rows, metric: str, minus: str) -> str:
+    header = ["setting", "method", "n", f"{metric} − {minus} (pp)", "95 % CI", "p", "higher"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setting, label, d in rows:
+        if d.n == 0:
+            lines.append(f"| {setting} | {label} | 0 | – | – | – | – |")
+            continue
+        cells = [
+            setting,
+            label,
+            str(d.n),
+            fmt_ms(d.mean, d.std, scale=100.0, signed=True),
+            fmt_ci(d, scale=100.0),
+            fmt_p(d.p_value),
+            f"{d.wins}/{d.n}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def seed_std_range(rows: list[dict[str, str]], metric: str = METRIC) -> tuple[float, float] | None:
@@ -134,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", help="A runs.csv of experiments.aggregate.")
     p.add_argument("--reference", action="append", default=[], help="Reference label(s).")
     p.add_argument("--metric", default=METRIC, help=f"A runs.csv column (default {METRIC}).")
+    p.add_argument(
+        "--minus",
+        help="Also per method: --metric minus this runs.csv column within each run, over "
+        "seeds (--minus=final_test_acc: what best-validation selection changed).",
+    )
     p.add_argument("--paired_summary", help="A table with d_<metric>_mean/_std and pairs.")
     args = p.parse_args(argv)
     if not args.runs and not args.paired_summary:
@@ -141,13 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.runs:
         rows = read_table(args.runs)
-        if rows and args.metric not in rows[0]:
-            print(f"error: {args.runs} has no column {args.metric!r}", file=sys.stderr)
-            return 2
+        for column in (args.metric, args.minus):
+            if rows and column is not None and column not in rows[0]:
+                print(f"error: {args.runs} has no column {column!r}", file=sys.stderr)
+                return 2
         print(_markdown(paired_rows(rows, args.reference, args.metric), args.reference))
         spread = seed_std_range(rows, args.metric)
         if spread:
             print(f"\nseed std of {args.metric}: {100 * spread[0]:.2f}–{100 * spread[1]:.2f} pp")
+        if args.minus:
+            within = within_run_rows(rows, args.metric, args.minus)
+            print("\n" + _within_markdown(within, args.metric, args.minus))
     if args.paired_summary:
         print(_summary_markdown(args.paired_summary))
     return 0

@@ -493,6 +493,36 @@ def test_claims_from_a_committed_runs_csv(tmp_path, capsys):
     assert claims.main([]) == 2
 
 
+def test_claims_minus_is_the_within_run_difference(tmp_path, capsys):
+    from experiments import claims
+
+    path = tmp_path / "runs.csv"
+    lines = ["# runs", "cell,setting,label,seed,state,test_acc_@_best_val,final_test_acc"]
+    selected = {"base": [0.78, 0.80, 0.79], "sadt_t1": [0.77, 0.78, 0.76]}
+    final = {"base": [0.79, 0.80, 0.80], "sadt_t1": [0.80, 0.80, 0.80]}
+    for label in selected:
+        for seed in range(3):
+            lines.append(
+                f"{label}_s{seed},s,{label},{seed},done,{selected[label][seed]},{final[label][seed]}"
+            )
+    lines.append("sadt_t1_s3,s,sadt_t1,3,failed,,")  # unfinished runs do not count
+    path.write_text("\n".join(lines) + "\n")
+    rows = {
+        label: d
+        for _, label, d in claims.within_run_rows(
+            claims.read_table(str(path)), "test_acc_@_best_val", "final_test_acc"
+        )
+    }
+    d = stats.paired_difference([-0.03, -0.02, -0.04])
+    assert rows["sadt_t1"].n == 3 and rows["sadt_t1"].mean == pytest.approx(d.mean)
+    assert rows["sadt_t1"].wins == 0 and rows["base"].mean == pytest.approx(-0.02 / 3)
+    assert claims.main([f"--runs={path}", "--reference=base", "--minus=final_test_acc"]) == 0
+    text = capsys.readouterr().out
+    assert f"| s | sadt_t1 | 3 | {100 * d.mean:+.2f} ± {100 * d.std:.2f} | " in text
+    assert claims.main([f"--runs={path}", "--minus=nope"]) == 2
+    assert "has no column 'nope'" in capsys.readouterr().err
+
+
 def test_mean_std_edge_cases():
     assert stats.mean_std([]) == (None, None, 0)
     assert stats.mean_std([0.5, None]) == (0.5, None, 1)
