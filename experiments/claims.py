@@ -96,20 +96,20 @@ def _within_markdown(rows, metric: str, minus: str) -> str:
     header = ["setting", "method", "n", f"{metric} − {minus} (pp)", "95 % CI", "p", "higher"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, label, d in rows:
-        if d.n == 0:
-            lines.append(f"| {setting} | {label} | 0 | – | – | – | – |")
-            continue
-        cells = [
-            setting,
-            label,
-            str(d.n),
-            fmt_ms(d.mean, d.std, scale=100.0, signed=True),
-            fmt_ci(d, scale=100.0),
-            fmt_p(d.p_value),
-            f"{d.wins}/{d.n}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([setting, label, str(d.n), *_difference_cells(d)]) + " |")
     return "\n".join(lines)
+
+
+def _difference_cells(d: PairedDifference | None) -> list[str]:
+    """Mean ± std, 95 % CI, p and wins of a difference in points ("–" when there is none)."""
+    if d is None or d.n == 0:
+        return ["–", "–", "–", "–"]
+    return [
+        fmt_ms(d.mean, d.std, scale=100.0, signed=True),
+        fmt_ci(d, scale=100.0),
+        fmt_p(d.p_value),
+        f"{d.wins}/{d.n}",
+    ]
 
 
 def seed_std_range(rows: list[dict[str, str]], metric: str = METRIC) -> tuple[float, float] | None:
@@ -127,16 +127,7 @@ def _markdown(rows, references: Sequence[str]) -> str:
     for setting, label, (m, s, n), diffs in rows:
         cells = [setting, label, str(n), fmt_ms(m, s, scale=100.0)]
         for ref in references:
-            d = diffs.get(ref)
-            if d is None or d.n == 0:
-                cells += ["–", "–", "–", "–"]
-            else:
-                cells += [
-                    fmt_ms(d.mean, d.std, scale=100.0, signed=True),
-                    fmt_ci(d, scale=100.0),
-                    fmt_p(d.p_value),
-                    f"{d.wins}/{d.n}",
-                ]
+            cells += _difference_cells(diffs.get(ref))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
