@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -148,32 +147,15 @@ def _error(message: object) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad flag or config reported in one line (exit 2).
 
-    A config file that raises (e.g. an unknown method in ``--config=file.py:name``)
-    reaches absl as a traceback inside the flag error; only its last line is kept.
+    The line is :func:`sadt_jax.train.validation.flag_error_message`'s, which the suite
+    runner's pre-flight check also prints.
     """
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        flag = re.match(r"flag (--\S+?)=", lines[0]) if lines else None
-        last = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1]) if lines else str(e)
-        _error(f"{flag.group(1)}: {last}" if flag and len(lines) > 1 else last)
-    except (AttributeError, KeyError) as e:  # --config.<field> naming no field
-        msg: object = e
-        while isinstance(msg, BaseException) and msg.args:
-            msg = msg.args[0]
-        key, *hint = str(msg).splitlines()
-        key = key.strip("'\"")
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
-        _error(
-            f"{bad[0] if bad else '--config'}: the config has no field {key!r}"
-            + (f" ({' '.join(hint).strip()})" if hint else "")
-            + "; unknown keys fail: check the spelling against the config file"
-        )
-    except SyntaxError as e:  # the config file does not parse
-        _error(f"--config: {e.filename} line {e.lineno}: syntax error: {e.msg}")
-    except Exception as e:  # noqa: BLE001 - the config file's get_config() raised
-        _error(f"--config: loading the config file failed: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - also whatever the config file's get_config() raised
+        from sadt_jax.train.validation import flag_error_message
+
+        _error(flag_error_message(e, argv))
     sys.exit(EXIT_BAD_INPUT)
 
 

@@ -150,6 +150,17 @@ def test_overfit_grid_and_estimate():
     assert 1 < hours < 3  # the estimate experiments/README.md states
 
 
+def test_estimate_counts_the_default_validation_split():
+    """A cell that caps the test split but keeps the configs' 3,000 validation images."""
+    from experiments.suites import cost
+
+    cell = suites.suite_cells("overfit", seeds=[0])[0]
+    o = {k: v for k, v in cell.overrides if k != "data.num_validation"}
+    default_val = dataclasses.replace(cell, overrides=tuple(o.items()))
+    assert cost._evaluated_images(default_val, 10_000) == 3000 + 3000
+    assert cost._evaluated_images(cell, 10_000) == 1000 + 3000
+
+
 @pytest.mark.parametrize("smoke", [False, True])
 @pytest.mark.parametrize("name", sorted(suites.SUITES))
 def test_every_suite_cell_passes_the_config_checks(name, smoke):
@@ -169,10 +180,17 @@ def test_every_suite_cell_passes_the_config_checks(name, smoke):
 def test_config_problems_names_the_bad_override():
     cell = suites.suite_cells("overfit", seeds=[0])[0]
     bad = dataclasses.replace(cell, overrides=cell.overrides + (("eval_every_epochs", 6),))
+    # Worded as sadt_jax.main words it (one function), after the cell's config.
     assert bad.config_problems() == [
-        "--config.eval_every_epochs: the config configs/fashion_mnist.py:base has no field "
-        "'eval_every_epochs'"
+        "configs/fashion_mnist.py:base: --config.eval_every_epochs: the config has no field "
+        "'eval_every_epochs'; unknown keys fail: check the spelling against the config file"
     ]
+    # The unknown key is named even beside an override it is a prefix of.
+    typo = dataclasses.replace(
+        cell, overrides=cell.overrides + (("sadt.rho", 1e-3), ("sadt.rh", 1))
+    )
+    (line,) = typo.config_problems()
+    assert line.startswith("configs/fashion_mnist.py:base: --config.sadt.rh: the config has no")
     wrong = dataclasses.replace(cell, overrides=cell.overrides + (("data.augment", "mixup"),))
     (line,) = wrong.config_problems()
     assert line.startswith("configs/fashion_mnist.py:base: data.augment='mixup' is not valid")
@@ -186,7 +204,9 @@ def test_run_suite_refuses_a_bad_override_before_running(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and launched == [] and not os.listdir(tmp_path)
-    assert err.startswith("error: --config.nope: the config configs/fashion_mnist.py:base has")
+    assert err.startswith(
+        "error: configs/fashion_mnist.py:base: --config.nope: the config has no field 'nope'"
+    )
     assert "(overfit/base_s0)" in err
 
 

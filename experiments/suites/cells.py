@@ -129,7 +129,9 @@ class Cell:
 
         Parses ``--config`` and the overrides the way ``sadt_jax.main`` does (absl flags
         with ml_collections' config flag, so an override naming no field fails as it would
-        there) and applies :func:`sadt_jax.train.validation.validate_config`. Runners call
+        there, and worded by the same
+        :func:`~sadt_jax.train.validation.flag_error_message`) and applies
+        :func:`sadt_jax.train.validation.validate_config`. Runners call
         it for every cell before running any, so a suite whose overrides the config no
         longer accepts stops at once instead of failing each run. Checks that need the data
         or the model (``validate_against_data``) are left to the run. ``[]`` for
@@ -140,7 +142,7 @@ class Cell:
         from absl import flags
         from ml_collections import config_flags
 
-        from sadt_jax.train.validation import ConfigError, validate_config
+        from sadt_jax.train.validation import ConfigError, flag_error_message, validate_config
 
         if REPO_ROOT not in sys.path:  # config files import ``configs.common``
             sys.path.insert(0, REPO_ROOT)
@@ -156,14 +158,8 @@ class Cell:
             with warnings.catch_warnings():  # ml_collections loads the file with load_module
                 warnings.simplefilter("ignore", DeprecationWarning)
                 values(argv)
-        except (AttributeError, KeyError) as e:  # an override that names no field
-            key = str(e.args[0] if e.args else e).splitlines()[0].strip("'\"")
-            bad = [k for k, _ in self.overrides if k == key or k.endswith(f".{key}")]
-            field = f"--config.{bad[0]}" if bad else "--config"
-            return [f"{field}: the config {self.config} has no field {key!r}"]
-        except Exception as e:  # noqa: BLE001 - a bad value, or the config file raised
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            return [f"{self.config}: {lines[-1] if lines else type(e).__name__}"]
+        except Exception as e:  # noqa: BLE001 - worded as sadt_jax.main words it
+            return [f"{self.config}: {flag_error_message(e, argv)}"]
         try:
             validate_config(values.config)
         except ConfigError as e:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from typing import Any
 
-from experiments.suites.cells import Cell
+from experiments.suites.cells import REPO_ROOT, Cell
 
 #: Step cost relative to the Base step (same batch). Base, GC and AGC: 1. SAM and
 #: the two-gradient controls: two forward/backward passes. SADT-T1/T3: the
@@ -76,12 +78,26 @@ def estimate_seconds(cell: Cell, hardware: str) -> float:
 
 
 def _evaluated_images(cell: Cell, num_test: int) -> int:
-    """Images evaluated after each epoch: the validation split plus the (capped) test split."""
+    """Images evaluated after each epoch: the validation split plus the (capped) test split.
+
+    A cell that does not set ``data.num_validation`` has the configs' shared default
+    (``configs/common.py``); a variant that sets its own (CIFAR-10's ``sam_recipe``: 0) is
+    not read, which matters only when the cell also caps the test split.
+    """
     overrides = dict(cell.overrides)
-    num_val = int(overrides.get("data.num_validation", 0))
+    num_val = int(overrides.get("data.num_validation", _default_num_validation()))
     max_test = overrides.get("data.max_test_examples")
     rest = num_test - num_val
     return num_val + (rest if max_test is None else min(rest, int(max_test)))
+
+
+@functools.cache
+def _default_num_validation() -> int:
+    if REPO_ROOT not in sys.path:  # run from outside the repository
+        sys.path.insert(0, REPO_ROOT)
+    from configs.common import base_config
+
+    return int(base_config("base").data.num_validation)
 
 
 def gradient_evaluations(method: str, overrides: dict[str, Any] | None = None) -> int:

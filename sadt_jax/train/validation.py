@@ -14,6 +14,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ from sadt_jax.train.workdir import has_checkpoint
 
 __all__ = [
     "ConfigError",
+    "flag_error_message",
     "guard_workdir",
     "validate_against_data",
     "validate_against_model",
@@ -49,6 +52,42 @@ REMOVED_FIELDS = {"eval_every_epochs"}
 
 class ConfigError(ValueError):
     """An invalid config; ``str(e)`` has one line per problem."""
+
+
+def flag_error_message(exc: BaseException, argv: Sequence[str]) -> str:
+    """One line saying why parsing ``argv`` (absl flags with ml_collections' config flag) failed.
+
+    Shared by ``sadt_jax.main`` and the suite runner's pre-flight check
+    (``experiments.suites.cells.Cell.config_problems``), so both report a bad flag in the
+    same words. The cases: an absl flag error (a bad value; a config file that raises
+    reaches absl as a traceback inside it, of which only the last line is kept and the
+    flag is named), an override naming no field (ml_collections raises
+    ``AttributeError``/``KeyError`` with the key; the override is found in ``argv``), a
+    config file with a syntax error, and any other error of the file's ``get_config()``.
+    """
+    from absl import flags
+
+    if isinstance(exc, flags.Error):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        flag = re.match(r"flag (--\S+?)=", lines[0]) if lines else None
+        last = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1]) if lines else str(exc)
+        return f"{flag.group(1)}: {last}" if flag and len(lines) > 1 else last
+    if isinstance(exc, (AttributeError, KeyError)):  # --config.<field> naming no field
+        msg: object = exc
+        while isinstance(msg, BaseException) and msg.args:
+            msg = msg.args[0]
+        key, *hint = str(msg).splitlines() or [""]
+        key = key.strip("'\"")
+        names = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        bad = [n for n in names if n.endswith(f".{key}")] or [n for n in names if f".{key}." in n]
+        return (
+            f"{bad[0] if bad else '--config'}: the config has no field {key!r}"
+            + (f" ({' '.join(hint).strip()})" if hint else "")
+            + "; unknown keys fail: check the spelling against the config file"
+        )
+    if isinstance(exc, SyntaxError):  # the config file does not parse
+        return f"--config: {exc.filename} line {exc.lineno}: syntax error: {exc.msg}"
+    return f"--config: loading the config file failed: {type(exc).__name__}: {exc}"
 
 
 def _choices(value, valid, field):
