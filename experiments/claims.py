@@ -69,9 +69,7 @@ def paired_rows(
             ref_values = values.get((setting, ref))
             if ref_values is None or ref == label:
                 continue
-            diffs[ref] = paired_difference(
-                [v - ref_values[s] for s, v in sorted(by_seed.items()) if s in ref_values]
-            )
+            diffs[ref] = _seed_paired(by_seed, ref_values)
         out.append((setting, label, mean_std(list(by_seed.values())), diffs))
     return out
 
@@ -83,13 +81,16 @@ def within_run_rows(
 
     E.g. ``test_acc_@_best_val - final_test_acc``: what best-validation selection changed.
     """
-    values, others = _values(rows, metric), _values(rows, minus)
-    out = []
-    for (setting, label), by_seed in values.items():
-        other = others.get((setting, label), {})
-        diffs = [v - other[s] for s, v in sorted(by_seed.items()) if s in other]
-        out.append((setting, label, paired_difference(diffs)))
-    return out
+    others = _values(rows, minus)
+    return [
+        (setting, label, _seed_paired(by_seed, others.get((setting, label), {})))
+        for (setting, label), by_seed in _values(rows, metric).items()
+    ]
+
+
+def _seed_paired(values: dict[int, float], others: dict[int, float]) -> PairedDifference:
+    """``values - others`` over the seeds both have, with its interval."""
+    return paired_difference([v - others[s] for s, v in sorted(values.items()) if s in others])
 
 
 def _within_markdown(rows, metric: str, minus: str) -> str:
