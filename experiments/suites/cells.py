@@ -16,6 +16,14 @@ from typing import Any
 #: The repository root (commands run from there).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def make_configs_importable() -> None:
+    """Puts the repository root on ``sys.path`` (config files import ``configs.common``),
+    for callers started from elsewhere."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+
+
 #: The paper's seven methods, in the order of its tables.
 PAPER_METHODS = ("base", "gc", "agc", "sam", "sadt_t1", "sadt_t2", "sadt_t3")
 #: Our controls: Base with two updates per batch (as many updates as SADT) and
@@ -144,8 +152,7 @@ class Cell:
 
         from sadt_jax.train.validation import ConfigError, flag_error_message, validate_config
 
-        if REPO_ROOT not in sys.path:  # config files import ``configs.common``
-            sys.path.insert(0, REPO_ROOT)
+        make_configs_importable()
         file, sep, arg = self.config.partition(":")
         argv = ["run", f"--config={os.path.join(REPO_ROOT, file)}{sep}{arg}"]
         argv += [f"--config.{k}={_cli_value(v)}" for k, v in self.overrides]

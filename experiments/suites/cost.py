@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import Any
 
-from experiments.suites.cells import REPO_ROOT, Cell
+from experiments.suites.cells import Cell, make_configs_importable
 
 #: Step cost relative to the Base step (same batch). Base, GC and AGC: 1. SAM and
 #: the two-gradient controls: two forward/backward passes. SADT-T1/T3: the
@@ -93,8 +92,7 @@ def _evaluated_images(cell: Cell, num_test: int) -> int:
 
 @functools.cache
 def _default_num_validation() -> int:
-    if REPO_ROOT not in sys.path:  # run from outside the repository
-        sys.path.insert(0, REPO_ROOT)
+    make_configs_importable()
     from configs.common import base_config
 
     return int(base_config("base").data.num_validation)
